@@ -1,0 +1,3 @@
+from r1_lightning.cli import main
+
+main()

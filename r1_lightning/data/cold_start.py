@@ -1,0 +1,187 @@
+"""Prompt → completion pairs for supervised fine-tuning (the R1 cold start, and SFT on rejection samples)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from r1_lightning.errors import ConfigError
+from r1_lightning.data.sources import DataError, load_rows, require_columns
+from r1_lightning.data.tasks import ArithmeticTask
+from r1_lightning.policy import encode_prompt, render_prompt
+from r1_lightning.rewards.parsing import extract_answer
+
+Overlong = Literal["error", "drop", "truncate"]
+
+
+class ColdStartDataModule(L.LightningDataModule):
+    """Tokenised prompt/completion pairs, loss on completion tokens only, optional packing.
+
+    The tokenizer comes from the LightningModule (``trainer.lightning_module.tokenizer``) in
+    ``setup()``, or is passed explicitly for use outside a Trainer.
+
+    Args:
+        path: Training data: a JSONL/JSON/Parquet/CSV file, a saved ``datasets`` directory or a
+            hub dataset name. ``None`` uses the built-in arithmetic task.
+        val_path: Validation data in the same forms; ``None`` uses the built-in held-out set
+            (or no validation when ``path`` is set).
+        prompt_column: Column with the prompt: a string or a list of chat messages.
+        completion_column: Column with the target completion.
+        answer_column: Optional column with the reference answer for ``val/accuracy``; when a row
+            has none, the completion's ``<answer>`` is the reference.
+        batch_size: Samples per batch (per device).
+        max_length: Most tokens of prompt + completion.
+        overlong: What to do with a longer sample: ``error``, ``drop`` (counted and logged) or
+            ``truncate`` (the completion's end is cut).
+        packing: Pack the samples of a batch into as few rows of ``max_length`` as possible
+            (position ids restart per sample, so samples never attend to each other).
+        system_prompt: Added as a system message to every prompt.
+        task: The built-in task (used when ``path`` / ``val_path`` is ``None``).
+        num_samples: Samples drawn from the built-in task for training.
+        num_val_samples: Held-out samples of the built-in task for validation.
+        split: Split of a saved ``DatasetDict`` or hub dataset for training.
+        val_split: Split for validation.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        val_path: str | None = None,
+        prompt_column: str = "prompt",
+        completion_column: str = "completion",
+        answer_column: str = "answer",
+        batch_size: int = 16,
+        max_length: int = 512,
+        overlong: Overlong = "error",
+        packing: bool = False,
+        system_prompt: str | None = None,
+        task: ArithmeticTask | None = None,
+        num_samples: int = 512,
+        num_val_samples: int = 64,
+        split: str = "train",
+        val_split: str = "validation",
+        num_workers: int = 0,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        if overlong not in ("error", "drop", "truncate"):
+            raise ConfigError(f"overlong={overlong!r}: choose one of error, drop, truncate")
+        if batch_size < 1 or max_length < 2:
+            raise ConfigError(f"batch_size={batch_size}, max_length={max_length}: both must be positive (max_length >= 2)")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.task = task or ArithmeticTask()
+        self.tokenizer = tokenizer
+        self.train_examples: list[dict[str, Any]] = []
+        self.val_examples: list[dict[str, Any]] = []
+        self.num_dropped = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        hp = self.hparams
+        if stage in (None, "fit") and not self.train_examples:
+            rows = self.task.rows("sft", hp.num_samples) if hp.path is None else self._read(hp.path, hp.split, "path")
+            self.train_examples = self._tokenize(rows, hp.path or "built-in task")
+            if not self.train_examples:
+                raise DataError(f"path={hp.path!r}: every sample was dropped as longer than max_length={hp.max_length}")
+        if stage in (None, "fit", "validate") and not self.val_examples:
+            if hp.val_path is not None:
+                rows = self._read(hp.val_path, hp.val_split, "val_path")
+            elif hp.path is None:
+                rows = self.task.rows("eval", hp.num_val_samples)
+            else:
+                rows = []
+            self.val_examples = self._tokenize(rows, hp.val_path or "built-in held-out set")
+
+    def _read(self, path: str, split: str, option: str) -> list[dict[str, Any]]:
+        dataset = load_rows(path, split, option)
+        require_columns(dataset, [self.hparams.prompt_column, self.hparams.completion_column], f"{option}={path!r}")
+        return [dict(row) for row in dataset]
+
+    def _tokenize(self, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+        hp, examples = self.hparams, []
+        for index, row in enumerate(rows):
+            prompt, completion = row[hp.prompt_column], row[hp.completion_column]
+            if not isinstance(completion, str) or not isinstance(prompt, (str, list)):
+                raise DataError(f"{source}: row {index}: {hp.prompt_column!r} must be a string or chat messages and {hp.completion_column!r} a string")
+            prompt_ids = encode_prompt(self.tokenizer, render_prompt(self.tokenizer, prompt, hp.system_prompt))
+            completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            if len(prompt_ids) + len(completion_ids) > hp.max_length:
+                if hp.overlong == "error" or (hp.overlong == "truncate" and len(prompt_ids) >= hp.max_length):
+                    raise DataError(
+                        f"{source}: row {index} has {len(prompt_ids) + len(completion_ids)} tokens > max_length={hp.max_length} "
+                        "(set overlong: drop or truncate, or raise max_length)"
+                    )
+                if hp.overlong == "drop":
+                    self.num_dropped += 1
+                    continue
+                completion_ids = completion_ids[: hp.max_length - len(prompt_ids)]
+            answer = row.get(hp.answer_column) or extract_answer(completion)
+            examples.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids, "answer": str(answer)})
+        if self.num_dropped:
+            rank_zero_warn(f"{source}: dropped {self.num_dropped} samples longer than max_length={hp.max_length}")
+        return examples
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_examples, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=self.collate,
+            num_workers=self.hparams.num_workers, drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_examples:
+            return []
+        return DataLoader(self.val_examples, batch_size=self.hparams.batch_size, collate_fn=self.collate, num_workers=self.hparams.num_workers)
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = pack(examples, self.hparams.max_length, self.tokenizer.pad_token_id) if self.hparams.packing else pad(examples, self.tokenizer.pad_token_id)
+        batch["prompt_ids"] = [e["prompt_ids"] for e in examples]
+        batch["answers"] = [e["answer"] for e in examples]
+        return batch
+
+
+def pad(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows: ``input_ids``/``attention_mask``/``loss_mask`` [B, T]; loss_mask marks completion tokens."""
+    rows = [e["prompt_ids"] + e["completion_ids"] for e in examples]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (row, e) in enumerate(zip(rows, examples)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        loss_mask[i, len(e["prompt_ids"]) : len(row)] = True
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "loss_mask": loss_mask}
+
+
+def pack(examples: list[dict[str, Any]], max_length: int, pad_id: int) -> dict[str, Any]:
+    """Samples laid end to end in rows of at most ``max_length`` tokens; ``attention_mask`` is None.
+
+    Position ids restart at 0 for every sample, which transformers turns into a block-diagonal
+    causal mask, so a sample never sees another one.
+    """
+    rows: list[tuple[list[int], list[int], list[bool]]] = []
+    for e in examples:
+        ids, length = e["prompt_ids"] + e["completion_ids"], len(e["prompt_ids"]) + len(e["completion_ids"])
+        if not rows or len(rows[-1][0]) + length > max_length:
+            rows.append(([], [], []))
+        rows[-1][0].extend(ids)
+        rows[-1][1].extend(range(length))
+        rows[-1][2].extend([False] * len(e["prompt_ids"]) + [True] * len(e["completion_ids"]))
+    width = max(len(r[0]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    # Padding at a row's end is one more "sample" with its own positions, masked out of the loss.
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    loss_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (ids, positions, mask) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        position_ids[i, : len(ids)] = torch.tensor(positions)
+        position_ids[i, len(ids) :] = torch.arange(width - len(ids))
+        loss_mask[i, : len(ids)] = torch.tensor(mask)
+    return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "loss_mask": loss_mask}

@@ -1,0 +1,113 @@
+"""Read rows from JSONL / JSON / Parquet / CSV files, a saved ``datasets`` directory or a hub dataset.
+
+Every failure names what is wrong and where: the file and line of a malformed JSONL row, the
+columns that do exist when one is missing, the source of an empty dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+from r1_lightning.errors import UserError
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(UserError, ValueError):
+    """Bad input data: the message names the file, line and column."""
+
+
+def load_rows(path: str, split: str = "train", option: str = "path") -> datasets.Dataset:
+    """Load a dataset from a file, a ``save_to_disk`` directory, or a hub name.
+
+    Args:
+        path: A ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory written by
+            ``Dataset.save_to_disk``, or a hub dataset name (``name`` or ``name:config``).
+        split: The split of a ``DatasetDict`` or hub dataset.
+        option: The name of the option that held ``path``, for error messages.
+    """
+    local = Path(path).expanduser()
+    if local.suffix.lower() in FILE_FORMATS or local.exists() or path.startswith((".", "/", "~")):
+        if not local.exists():
+            raise DataError(f"{option}={path!r}: no such file or directory")
+        dataset = _load_local(local, split, option)
+    else:
+        dataset = _load_hub(path, split, option)
+    if len(dataset) == 0:
+        raise DataError(f"{option}={path!r}: the dataset is empty")
+    return dataset
+
+
+def require_columns(dataset: datasets.Dataset, columns: list[str], source: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {', '.join(map(repr, missing))}; the columns are: {', '.join(dataset.column_names)}"
+        )
+
+
+def _load_local(path: Path, split: str, option: str) -> datasets.Dataset:
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as error:
+            raise DataError(f"{option}={str(path)!r}: not a saved datasets directory ({error})") from None
+        return _pick_split(loaded, split, f"{option}={str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise DataError(f"{option}={str(path)!r}: unknown file type {suffix!r}; use one of {', '.join(FILE_FORMATS)}")
+    if suffix == ".jsonl":
+        return datasets.Dataset.from_list(_read_jsonl(path))
+    if suffix == ".json":
+        return datasets.Dataset.from_list(_read_json(path))
+    try:
+        return datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+    except Exception as error:  # pyarrow/pandas errors are deep; name the file instead
+        raise DataError(f"{path}: cannot read as {suffix[1:]}: {error}") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}:{error.colno}: malformed JSON line: {error.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}:{error.colno}: malformed JSON: {error.msg}") from None
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+        data = [dict(zip(data, values)) for values in zip(*data.values())]  # column-oriented JSON
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise DataError(f"{path}: expected a list of JSON objects (or an object of equal-length columns)")
+    return data
+
+
+def _load_hub(name: str, split: str, option: str) -> datasets.Dataset:
+    repo, _, config = name.partition(":")
+    try:
+        return datasets.load_dataset(repo, config or None, split=split)
+    except Exception as error:
+        raise DataError(f"{option}={name!r}: cannot load it as a hub dataset ({type(error).__name__}: {error})") from None
+
+
+def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, source: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{source}: no split {split!r}; the splits are: {', '.join(loaded)}")
+        return loaded[split]
+    return loaded

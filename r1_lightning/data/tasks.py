@@ -1,0 +1,106 @@
+"""The built-in task: multi-digit addition and subtraction with a worked, column-by-column solution.
+
+Every problem is a deterministic function of (split, index, seed). The held-out evaluation
+problems are those whose hash falls in bucket 0 of 10; training splits (cold-start SFT and RL
+prompts) skip that bucket, so evaluation never overlaps training.
+
+A cold-start sample looks like::
+
+    prompt:     Compute 47+385.
+    completion: <think>
+                7+5+0=12: write 2, carry 1
+                4+8+1=13: write 3, carry 1
+                0+3+1=4: write 4, carry 0
+                </think>
+                <answer>
+                432
+                </answer>
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from r1_lightning.errors import ConfigError
+
+Split = Literal["sft", "rl", "eval"]
+_SPLIT_SEEDS = {"sft": 1, "rl": 2, "eval": 3}
+
+
+@dataclass
+class ArithmeticTask:
+    """Multi-digit addition / subtraction (non-negative results) with step-by-step reasoning.
+
+    Args:
+        min_digits: Fewest digits of an operand.
+        max_digits: Most digits of an operand.
+        operations: Operators to draw from, any of ``+`` and ``-``.
+        seed: Changes every problem of every split.
+    """
+
+    min_digits: int = 1
+    max_digits: int = 2
+    operations: str = "+-"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ConfigError(f"task: need 1 <= min_digits <= max_digits, got {self.min_digits} and {self.max_digits}")
+        if not self.operations or set(self.operations) - {"+", "-"}:
+            raise ConfigError(f"task.operations={self.operations!r}: use a non-empty mix of '+' and '-'")
+
+    def rows(self, split: Split, num_samples: int) -> list[dict[str, str]]:
+        """``num_samples`` rows ``{prompt, completion, answer}`` of one split, without repeats."""
+        rng = random.Random(f"{self.seed}-{_SPLIT_SEEDS[split]}")
+        rows, seen = [], set()
+        while len(rows) < num_samples:
+            a, op, b = self._draw(rng)
+            if (a, op, b) in seen or (split == "eval") != is_held_out(a, op, b):
+                continue
+            seen.add((a, op, b))
+            rows.append(solve(a, op, b))
+        return rows
+
+    def _draw(self, rng: random.Random) -> tuple[int, str, int]:
+        def number() -> int:
+            digits = rng.randint(self.min_digits, self.max_digits)
+            return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+        a, op, b = number(), rng.choice(self.operations), number()
+        if op == "-" and a < b:
+            a, b = b, a
+        return a, op, b
+
+
+def is_held_out(a: int, op: str, b: int) -> bool:
+    digest = hashlib.sha256(f"{a}{op}{b}".encode()).digest()
+    return digest[0] % 10 == 0
+
+
+def solve(a: int, op: str, b: int) -> dict[str, str]:
+    """The prompt, the worked solution and the answer of ``a op b``."""
+    width = max(len(str(a)), len(str(b)))
+    xs, ys = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    lines, carry, written = [], 0, []
+    for x, y in zip(map(int, xs), map(int, ys)):
+        if op == "+":
+            total = x + y + carry
+            lines.append(f"{x}+{y}+{carry}={total}: write {total % 10}, carry {total // 10}")
+            digit, carry = total % 10, total // 10
+        else:
+            borrow_out = int(x - y - carry < 0)
+            digit = x + 10 * borrow_out - y - carry
+            lines.append(f"{x + 10 * borrow_out}-{y}-{carry}={digit}: write {digit}, borrow {borrow_out}")
+            carry = borrow_out
+        written.append(str(digit))
+    if op == "+" and carry:
+        lines.append("0+0+1=1: write 1, carry 0")
+        written.append("1")
+    answer = str(int("".join(reversed(written))))
+    assert answer == str(a + b if op == "+" else a - b)
+    completion = "<think>\n" + "\n".join(lines) + "\n</think>\n<answer>\n" + answer + "\n</answer>"
+    return {"prompt": f"Compute {a}{op}{b}.", "completion": completion, "answer": answer}
+

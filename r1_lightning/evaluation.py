@@ -1,0 +1,62 @@
+"""Generation-based evaluation shared by every module: sample k completions per prompt and score them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1_lightning.rewards import Accuracy, LenientFormat
+from r1_lightning.rewards.parsing import extract_answer, restore_think_prefill
+from r1_lightning.rl.rollout import RolloutEngine, SamplingParams
+
+
+@dataclass
+class Scored:
+    """Per prompt, per sample: the completion text, its normalised answer, correctness and format."""
+
+    texts: list[list[str]]
+    answers: list[list[str | None]]
+    correct: list[list[float | None]]
+    formatted: list[list[float]]
+
+
+def decode_completions(tokenizer, prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor, num_generations: int) -> list[str]:
+    """Completion texts, with a ``<think>`` opened by the chat template put back (see ``restore_think_prefill``)."""
+    prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=False)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return [restore_think_prefill(prompt_texts[i // num_generations], text) for i, text in enumerate(texts)]
+
+
+def generate_and_score(
+    model: torch.nn.Module,
+    tokenizer,
+    engine: RolloutEngine,
+    prompt_ids: list[list[int]],
+    references: list[str],
+    params: SamplingParams,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Scored:
+    """Sample ``num_samples`` completions per prompt and score answer correctness and format."""
+    rollout = engine.generate(model, prompt_ids, num_samples, params, generator)
+    texts = decode_completions(tokenizer, prompt_ids, rollout.completion_ids, rollout.completion_mask, num_samples)
+    repeated = [r for r in references for _ in range(num_samples)]
+    prompts = [p for p in prompt_ids for _ in range(num_samples)]
+    # None (reference not parsable) stays None: the metrics leave such prompts out rather than count a 0.
+    correct = [None if c is None else float(c) for c in Accuracy()(texts, prompts=prompts, answer=repeated)]
+    formatted = [float(f) for f in LenientFormat()(texts, prompts=prompts)]
+    answers = [_normalise(extract_answer(t)) for t in texts]
+
+    def by_prompt(values: list) -> list[list]:
+        return [values[i : i + num_samples] for i in range(0, len(values), num_samples)]
+
+    return Scored(by_prompt(texts), by_prompt(answers), by_prompt(correct), by_prompt(formatted))
+
+
+def _normalise(answer: str | None) -> str | None:
+    if answer is None:
+        return None
+    answer = " ".join(answer.split())
+    return answer or None

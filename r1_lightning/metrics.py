@@ -1,0 +1,61 @@
+"""Evaluation metrics for reasoning: pass@1 averaged over k samples, pass@k, and majority vote (maj@k).
+
+The per-prompt numbers are computed by plain functions; torchmetrics ``MeanMetric``s average
+them, so the results are correct across ranks (each rank adds its prompts, the sync sums).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from math import comb
+
+import torch
+from torchmetrics import MeanMetric
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k > num_samples:
+        raise ValueError(f"pass@k needs k <= samples per prompt, got k={k} and {num_samples} samples")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - comb(num_samples - num_correct, k) / comb(num_samples, k)
+
+
+def majority_index(answers: list[str | None]) -> int | None:
+    """Index of a sample whose answer is the most common one (first seen wins ties); None if no answers."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(i for i, a in enumerate(answers) if a is not None and counts[a] == top)
+
+
+class ReasoningMetrics(torch.nn.Module):
+    """``accuracy`` (pass@1 over k samples), ``maj@k``, ``pass@k`` and ``format``, synced across ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accuracy, self.majority, self.pass_k, self.format = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
+
+    def update(self, correct: list[list[float | None]], answers: list[list[str | None]], formatted: list[list[float]]) -> None:
+        """Per prompt: correctness (0/1) of each of its k samples, their normalised answers and format scores.
+
+        A prompt whose correctness is None (its reference answer cannot be parsed) counts for
+        ``format`` only.
+        """
+        for scores, prompt_answers, fmt in zip(correct, answers, formatted):
+            self.format.update(sum(fmt) / len(fmt))
+            if any(s is None for s in scores):
+                continue
+            self.accuracy.update(sum(scores) / len(scores))
+            winner = majority_index(prompt_answers)
+            self.majority.update(0.0 if winner is None else scores[winner])
+            self.pass_k.update(pass_at_k(len(scores), int(sum(scores)), len(scores)))
+
+    def compute(self, k: int) -> dict[str, torch.Tensor]:
+        return {"accuracy": self.accuracy.compute(), f"maj@{k}": self.majority.compute(), f"pass@{k}": self.pass_k.compute(), "format": self.format.compute()}
+
+    def reset(self) -> None:
+        for metric in (self.accuracy, self.majority, self.pass_k, self.format):
+            metric.reset()

@@ -1,0 +1,126 @@
+"""Supervised fine-tuning of a policy on prompt → completion pairs (R1's cold start).
+
+DeepSeek-R1 (https://arxiv.org/abs/2501.12948), section 2.3.1: a few thousand long
+chain-of-thought samples teach the base model a readable ``<think>…</think>`` format before RL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from r1_lightning.evaluation import generate_and_score
+from r1_lightning.export import export_hf_model
+from r1_lightning.metrics import ReasoningMetrics
+from r1_lightning.optim import adamw_warmup_cosine, total_training_steps
+from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
+from r1_lightning.rl.masked import masked_mean
+from r1_lightning.rl.rollout import HFGenerateEngine, SamplingParams
+
+
+class PolicySFT(L.LightningModule):
+    """Causal-LM loss on completion tokens; validation loss plus generated-answer accuracy and format.
+
+    Args:
+        model_name_or_path: A local Hugging Face directory, a hub id, or ``builtin:tiny``.
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps before the cosine decay.
+        min_lr_ratio: The cosine ends at ``min_lr_ratio * learning_rate``.
+        dtype: Weights dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        lora: Train a LoRA adapter instead of all weights (needs ``peft``).
+        trust_remote_code: Allow model code from the model directory (off: only transformers' own).
+        logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary.
+        eval_max_new_tokens: Token budget of generated answers in validation.
+        eval_num_samples: Completions per validation prompt (1 with ``eval_temperature: 0`` = greedy).
+        eval_temperature: Sampling temperature in validation (0 = greedy).
+        export_hf: Write ``<log dir>/hf_model/`` when fit ends.
+        seed: Seed of the built-in model's initial weights and of validation sampling.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "builtin:tiny",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        dtype: str = "auto",
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        trust_remote_code: bool = False,
+        logprob_chunk_size: int = 1024,
+        eval_max_new_tokens: int = 160,
+        eval_num_samples: int = 1,
+        eval_temperature: float = 0.0,
+        export_hf: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # The tokenizer is light and needed by the data module's setup(), before configure_model.
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.model: torch.nn.Module | None = None
+        self.engine = HFGenerateEngine()
+        self.val_metrics = ReasoningMetrics()
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = load_model(
+            hp.model_name_or_path, vocab_size=len(self.tokenizer), dtype=hp.dtype, gradient_checkpointing=hp.gradient_checkpointing,
+            lora=hp.lora, trust_remote_code=hp.trust_remote_code, seed=hp.seed,
+        )
+
+    def completion_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-mean negative log-likelihood of the completion tokens; returns (loss, token count)."""
+        loss_mask = batch["loss_mask"]  # [B, T]
+        logprobs, _ = token_logprobs(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], loss_mask, chunk_size=self.hparams.logprob_chunk_size
+        )
+        return -masked_mean(logprobs, loss_mask), loss_mask.sum()
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, tokens = self.completion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(tokens))
+        self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, tokens = self.completion_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=int(tokens), sync_dist=True)
+        hp = self.hparams
+        params = SamplingParams(
+            max_new_tokens=hp.eval_max_new_tokens, temperature=hp.eval_temperature,
+            eos_token_ids=[self.tokenizer.eos_token_id], pad_token_id=self.tokenizer.pad_token_id,
+        )
+        generator = torch.Generator(device=self.device).manual_seed(hp.seed + batch_idx)
+        scored = generate_and_score(self.model, self.tokenizer, self.engine, batch["prompt_ids"], batch["answers"], params, hp.eval_num_samples, generator)
+        self.val_metrics.update(scored.correct, scored.answers, scored.formatted)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        k = self.hparams.eval_num_samples
+        for name, value in self.val_metrics.compute(k).items():
+            self.log(f"val/{name}", value, prog_bar=name in ("accuracy", "format"))
+        self.val_metrics.reset()
+
+    @override
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return adamw_warmup_cosine(
+            self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps, total_training_steps(self.trainer), hp.min_lr_ratio
+        )
+
+    @override
+    def on_fit_end(self) -> None:
+        if self.hparams.export_hf:
+            export_hf_model(self.trainer, self.model, self.tokenizer)

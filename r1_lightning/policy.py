@@ -1,0 +1,255 @@
+"""Load a causal LM and its tokenizer: a Hugging Face directory, a hub id, or the built-in tiny model.
+
+``model_name_or_path`` accepts:
+
+- a local Hugging Face directory (``config.json`` + weights + tokenizer), loaded offline;
+- a hub id such as ``Qwen/Qwen2.5-1.5B-Instruct`` (needs the hub or its cache);
+- ``builtin:tiny`` / ``builtin:tiny-small``: a ~1M / ~0.3M parameter Qwen2 model with a
+  byte-level tokenizer the package builds deterministically (no download). The built-in
+  task is learnable by it on two CPU cores in minutes.
+
+Fallbacks (documented in the README): a tokenizer without a pad token pads with its EOS
+token (we never pad-mask by token id, so this is safe); a tokenizer without a chat
+template renders a plain string prompt as is and chat messages as ``role: content`` lines.
+The tokenizer itself is never changed: no tokens are added.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from r1_lightning.errors import ConfigError
+
+BUILTIN_PREFIX = "builtin:"
+THINK_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Shapes of the built-in models: Qwen2 architecture so they exercise the same code as real Qwen checkpoints.
+BUILTIN_MODELS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    "tiny-small": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+}
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (needs the ``peft`` extra).
+
+    Args:
+        r: Rank of the update matrices.
+        alpha: Scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt; ``all-linear`` adapts every linear layer but the head.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+
+
+def is_builtin(name_or_path: str) -> bool:
+    return name_or_path.startswith(BUILTIN_PREFIX)
+
+
+def _builtin_name(name_or_path: str) -> str:
+    name = name_or_path[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_MODELS:
+        raise ConfigError(
+            f"model_name_or_path={name_or_path!r}: unknown built-in model; choose one of "
+            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+        )
+    return name
+
+
+def build_builtin_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer with no merges: one token per byte, plus ChatML and R1 tags.
+
+    Byte-level (not a char-level WordLevel) so that transformers, which loads any ``qwen2``
+    directory's tokenizer as ``Qwen2Tokenizer``, reloads it losslessly (tested).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(alphabet)}, merges=[]))
+    # The Qwen2 split pattern, so the reload as Qwen2Tokenizer pre-tokenizes identically.
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_builtin_model(name_or_path: str, vocab_size: int, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A freshly initialised Qwen2 model, identical on every process for a given seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = {**BUILTIN_MODELS[_builtin_name(name_or_path)], **overrides}
+    config = Qwen2Config(
+        vocab_size=vocab_size, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0, **shape
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and apply the documented fallbacks (pad = EOS, ChatML-free plain prompts)."""
+    if is_builtin(name_or_path):
+        _builtin_name(name_or_path)
+        tokenizer = build_builtin_tokenizer()
+    else:
+        _check_local_dir(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"model_name_or_path={name_or_path!r}: the tokenizer has neither a pad nor an EOS token")
+        # Padding is always masked by attention/completion masks, never by token id, so EOS is a safe pad.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    vocab_size: int | None = None,
+    dtype: str = "auto",
+    gradient_checkpointing: bool = False,
+    lora: LoraSettings | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Create the causal LM (call it from ``configure_model`` so sharding strategies can wrap it)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    if is_builtin(name_or_path):
+        if vocab_size is None:
+            vocab_size = len(build_builtin_tokenizer())
+        model = build_builtin_model(name_or_path, vocab_size, seed=seed)
+        if DTYPES[dtype] != "auto":
+            model = model.to(DTYPES[dtype])
+    else:
+        _check_local_dir(name_or_path)
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("lora needs the peft package: pip install 'r1-lightning[lora]'") from error
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def _check_local_dir(name_or_path: str) -> None:
+    """A path that looks local but is not a model directory gets a clear error instead of a hub lookup."""
+    path = Path(name_or_path).expanduser()
+    # Hub ids are "name" or "org/name"; anything else (or anything that exists) is a local path.
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise ConfigError(f"model_name_or_path={name_or_path!r}: no such directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model_name_or_path={name_or_path!r}: not a Hugging Face model directory (no config.json)")
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]], system_prompt: str | None = None) -> str:
+    """Render a prompt (string or chat messages) to the text the model continues from."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and not any(m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Fallback for base models without a template.
+    if isinstance(prompt, str) and not system_prompt:
+        return prompt
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a rendered prompt: a chat template already holds any BOS, plain text gets the tokenizer's."""
+    return tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a peft wrapper, for export and generation settings."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (hidden states out) and the LM head of a causal LM, through any peft wrapper."""
+    hf = unwrap_model(model)
+    return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    target_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the tokens marked by ``target_mask``, never materialising [B, T, V] logits.
+
+    Args:
+        input_ids: [B, T] token ids.
+        attention_mask: [B, T] or None (packed rows: ``position_ids`` separate the samples).
+        position_ids: [B, T].
+        target_mask: [B, T] bool, True where a token is a target (predicted from the one before).
+
+    Returns:
+        ``(logprobs, entropy)``: [B, T] float32, zero where ``target_mask`` is False; ``entropy``
+        (detached, for logging) only when asked.
+    """
+    from r1_lightning.rl.logprobs import chunked_token_logprobs
+
+    backbone, head = backbone_and_head(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    targets = target_mask[:, 1:]  # [B, T-1]: position t predicts token t+1
+    selected = hidden[:, :-1][targets]  # [M, H], only the target positions reach the vocabulary
+    logprobs, entropy = chunked_token_logprobs(
+        selected, head.weight, input_ids[:, 1:][targets], bias=getattr(head, "bias", None),
+        temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy,
+    )
+    scatter_mask = torch.zeros_like(target_mask)
+    scatter_mask[:, 1:] = targets  # the first token is never a target: nothing predicts it
+    full = torch.zeros(target_mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scatter_mask, logprobs)
+    if entropy is None:
+        return full, None
+    return full, torch.zeros_like(full).masked_scatter(scatter_mask, entropy)

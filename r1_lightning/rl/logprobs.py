@@ -1,0 +1,165 @@
+"""Log-probs of chosen tokens without materialising `[rows, vocab]` logits.
+
+With a 152k vocabulary, float32 logits for 8k completion tokens are 4.9 GB, and a plain
+`log_softmax` keeps them (and more) alive until the backward pass. The caller gathers the
+final hidden states of the completion positions only (`[M, H]`, prompt and padding cost
+nothing) and `chunked_token_logprobs` projects them through the LM head `chunk_size` rows
+at a time, forward and backward: peak extra memory is O(chunk_size × V), not O(M × V).
+
+The logits are computed in float32 (float64 for float64 inputs): RL is sensitive to small
+probability mismatches between the sampler and the trainer, and MiniMax-M1
+(https://arxiv.org/abs/2506.13585) traced such a mismatch to a low-precision LM head. For a
+bf16 head this costs an upcast copy of the weight per pass and a float32 weight-gradient
+accumulator, V × H × 4 bytes each, independent of M. Gradients return in the inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """log softmax(logits)[index] in float32 (float64 for float64 logits): the naive reference.
+
+    Args:
+        logits: `[..., V]`.
+        index: `[...]` chosen token ids.
+
+    Returns:
+        `[...]` log-probs. Holds a full float32 copy of `logits` (and keeps the
+        `log_softmax` output for backward); for tests and small vocabularies.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float32, or float64 when an input is float64 (exact gradchecks)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    hidden = hidden.to(weight.dtype)  # [C, H], weight is already in the compute dtype
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # [C, V]
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def _forward_chunk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """log p(target), logsumexp and (optionally) entropy of `C` rows; the `[C, V]` logits die on return."""
+    logits = _chunk_logits(hidden, weight, bias, temperature)  # [C, V]
+    lse = torch.logsumexp(logits, dim=-1)  # [C]
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [C]
+    if not with_entropy:
+        return logprobs, lse, None
+    log_p = logits.sub_(lse[:, None])  # [C, V], in place
+    return logprobs, lse, -log_p.exp().mul_(log_p).sum(dim=-1)  # entropy [C], one more [C, V] buffer
+
+
+def _backward_chunk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor, grad: Tensor,
+    temperature: float, grad_weight: Tensor | None, grad_bias: Tensor | None,
+) -> Tensor:
+    """Accumulate `C` rows' weight/bias gradients in place and return their hidden gradient `[C, H]`."""
+    # d log p(y) / d z = onehot(y) - softmax(z), with z = (h W^T + b) / τ.
+    grad_logits = _chunk_logits(hidden, weight, bias, temperature).sub_(lse[:, None]).exp_()  # [C, V] softmax
+    grad_logits.mul_(-grad[:, None]).scatter_add_(1, targets[:, None], grad[:, None])  # g · (onehot - p)
+    if temperature != 1.0:
+        grad_logits.div_(temperature)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.T, hidden.to(weight.dtype))  # [V, H]
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(dim=0)  # [V]
+    return grad_logits @ weight  # [C, H]
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """Forward keeps no logits (saves inputs + per-row logsumexp); backward recomputes them per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy):
+        dtype = _compute_dtype(hidden, weight, bias)
+        w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)  # [V, H], [V]
+        logprobs = hidden.new_empty(hidden.shape[0], dtype=dtype)  # [M]
+        lse = torch.empty_like(logprobs)  # [M]
+        entropy = torch.empty_like(logprobs) if with_entropy else logprobs.new_empty(0)  # [M]
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk_size):
+                rows = slice(s, s + chunk_size)
+                lp, chunk_lse, ent = _forward_chunk(hidden[rows], w, b, targets[rows], temperature, with_entropy)
+                logprobs[rows], lse[rows] = lp, chunk_lse
+                if with_entropy:
+                    entropy[rows] = ent
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype = _compute_dtype(hidden, weight, bias)
+        w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)  # [V, H], [V]
+        g = grad_logprobs.to(dtype)  # [M]
+        grad_hidden = torch.empty_like(hidden)  # [M, H]
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None  # [V, H], in the compute dtype
+        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[2] else None  # [V]
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], ctx.chunk_size):
+                rows = slice(s, s + ctx.chunk_size)
+                grad_hidden[rows] = _backward_chunk(
+                    hidden[rows], w, b, targets[rows], lse[rows], g[rows], ctx.temperature, grad_w, grad_b
+                )
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_hidden, grad_w, grad_b, None, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log π(target) = log_softmax((hidden @ weight.T + bias) / temperature)[target], chunked.
+
+    Equals `selective_log_softmax(lm_head(hidden) / temperature, targets)` in value and
+    gradient (wrt `hidden`, `weight`, `bias`), but neither pass ever holds more than
+    `chunk_size × V` logits: the backward recomputes each chunk's logits from the saved
+    inputs and the per-row logsumexp.
+
+    Args:
+        hidden: Final hidden states of the positions that predict `targets`, `[M, H]`
+            (or `[..., H]`), any float dtype.
+        weight: LM-head weight, `[V, H]`.
+        targets: Chosen token ids, `[M]` (or `[...]`).
+        bias: Optional LM-head bias, `[V]`.
+        temperature: The sampling temperature the policy is scored at.
+        chunk_size: Rows per chunk; the extra memory is two `chunk_size × V` float32 buffers.
+        return_entropy: Also return the entropy of each row's (temperature-scaled) distribution,
+            detached, for logging.
+
+    Returns:
+        Float32 log-probs shaped like `targets`, and the entropies (same shape) or `None`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if hidden.shape[:-1] != targets.shape or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and targets {tuple(targets.shape)} "
+            "must be [..., H], [V, H] and [...]"
+        )
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()  # [M, H], [M]
+    logprobs, entropy = _ChunkedTokenLogprobs.apply(
+        flat_hidden, weight, bias, flat_targets, float(temperature), chunk_size, return_entropy
+    )
+    return logprobs.view(targets.shape), (entropy.view(targets.shape) if return_entropy else None)

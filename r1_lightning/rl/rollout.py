@@ -1,0 +1,378 @@
+"""Rollout engines: sample G completions per prompt and record their log-probs.
+
+GRPO talks to generation only through `RolloutEngine.generate`, which takes token-id
+lists and returns a `Rollout` of padded tensors. `HFGenerateEngine` implements it with a
+hand-written KV-cached decode loop on any Hugging Face causal LM; an engine backed by
+vLLM (token ids in, the same `Rollout` out) can be swapped in without touching GRPO.
+
+Why not `model.generate`: the loop below gets each sampled token's log-prob for free
+(no second forward pass for `old_logprobs`), runs the prompt through the model once per
+prompt rather than once per completion, and keeps every rank of a sharded (FSDP) model
+stepping in lockstep.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+try:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    _FSDP_MODULES: tuple[type, ...] = (FSDPModule, FullyShardedDataParallel)
+except ImportError:  # torch built without distributed support
+    _FSDP_MODULES = ()
+
+
+@dataclass
+class SamplingParams:
+    """How to sample completions.
+
+    Args:
+        max_new_tokens: Most tokens generated per completion (the EOS token included).
+        temperature: Softmax temperature; `0` means greedy decoding.
+        top_p: Nucleus sampling: sample from the smallest set of most likely tokens whose
+            probability reaches `top_p` (`1.0` disables it).
+        top_k: Sample from the `top_k` most likely tokens (`0` disables it).
+        eos_token_ids: Tokens that end a completion (a model may have several, e.g.
+            `<|im_end|>` and `<|endoftext|>`). Empty: completions only end at `max_new_tokens`.
+        pad_token_id: Fills prompts on the left and completions after their EOS.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_ids, int):  # as in many HF configs
+            self.eos_token_ids = [self.eos_token_ids]
+        self.eos_token_ids = list(self.eos_token_ids)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = disabled), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Rollout:
+    """G sampled completions for each of B prompts, as padded tensors of `B*G` rows.
+
+    The G completions of prompt `b` are the consecutive rows `b*G ... b*G+G-1`. Masks are
+    `torch.long` 0/1, as Hugging Face attention masks are.
+
+    Attributes:
+        prompt_ids: `[B*G, P]` prompt tokens, left-padded with the pad id.
+        prompt_mask: `[B*G, P]` 1 on real prompt tokens.
+        completion_ids: `[B*G, T]` sampled tokens, right-padded with the pad id after EOS.
+            `T <= max_new_tokens` is the longest completion of the batch (across ranks).
+        completion_mask: `[B*G, T]` 1 on generated tokens up to and including the EOS.
+        logprobs: `[B*G, T]` float32 log-probs of the sampled tokens under the sampling
+            policy: `log_softmax(logits / temperature)` over the whole vocabulary, before any
+            top-k / top-p filtering (the raw `log_softmax(logits)` when greedy); 0 where masked.
+        truncated: `[B*G]` bool, True where no EOS came within `max_new_tokens`.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    logprobs: Tensor
+    truncated: Tensor
+
+    @property
+    def completion_lengths(self) -> Tensor:
+        """`[B*G]` number of generated tokens per row, EOS included."""
+        return self.completion_mask.sum(-1)
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        """Keyword arguments for a teacher-forced forward over prompt + completion.
+
+        See `build_model_inputs`.
+        """
+        return build_model_inputs(self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask)
+
+
+def build_model_inputs(
+    prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
+) -> dict[str, Tensor]:
+    """Concatenate prompt and completion into one causal-LM input.
+
+    Position ids count from 0 at the first real prompt token, as during generation, so
+    a left-padded row sees the same positions (and rotary phases) as its unpadded self.
+    The logits predicting the completion are `model(**inputs).logits[:, P - 1 : -1]`.
+
+    Args:
+        prompt_ids: `[N, P]` left-padded prompts.
+        prompt_mask: `[N, P]`.
+        completion_ids: `[N, T]` right-padded completions.
+        completion_mask: `[N, T]`.
+
+    Returns:
+        `input_ids`, `attention_mask` and `position_ids`, each `[N, P+T]`.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+T]
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [N, P+T]
+    # Padding positions get a clamped, repeated index: they are masked out anyway.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)  # [N, P+T]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+class RolloutEngine(ABC):
+    """Samples completions for a batch of tokenised prompts.
+
+    An implementation may run the policy itself (`HFGenerateEngine`) or a separate
+    inference server that it keeps in sync with `model` (e.g. vLLM).
+    """
+
+    @abstractmethod
+    def generate(
+        self,
+        model: nn.Module,
+        prompt_ids: list[list[int]],
+        num_generations: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """Sample `num_generations` completions for each prompt.
+
+        Args:
+            model: The current policy.
+            prompt_ids: B prompts as token ids, unpadded.
+            num_generations: G, completions per prompt.
+            params: How to sample.
+            generator: Source of randomness for reproducible sampling; the global RNG if None.
+
+        Returns:
+            A `Rollout` of `B*G` rows on the model's device, the G rows of a prompt consecutive.
+        """
+
+
+class HFGenerateEngine(RolloutEngine):
+    """KV-cached sampling loop on a Hugging Face causal LM.
+
+    Each distinct prompt is prefilled once; its KV cache is then copied G times and the
+    `B*G` completions decode together. Finished rows keep stepping (emitting the pad id,
+    masked out) until every row, on every rank, is done.
+
+    Example:
+        >>> engine = HFGenerateEngine()
+        >>> params = SamplingParams(max_new_tokens=64, eos_token_ids=[tokenizer.eos_token_id],
+        ...                         pad_token_id=tokenizer.pad_token_id)
+        >>> rollout = engine.generate(model, [[1, 2, 3], [4, 5]], num_generations=8, params=params)
+        >>> rollout.completion_ids.shape  # [2*8, T]
+    """
+
+    def generate(
+        self,
+        model: nn.Module,
+        prompt_ids: list[list[int]],
+        num_generations: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("HFGenerateEngine.generate: every prompt needs at least one token")
+        if num_generations < 1:
+            raise ValueError(f"HFGenerateEngine.generate: num_generations must be >= 1, got {num_generations}")
+        device = _model_device(model)
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(
+                f"HFGenerateEngine.generate: the generator lives on {generator.device} but the model on {device}; "
+                f"create it with torch.Generator(device={str(device)!r})"
+            )
+        prompts, prompt_mask = left_pad(prompt_ids, params.pad_token_id, device)  # [B, P]
+
+        with _eval_mode(model), _no_grad(model):
+            tokens, logprobs, finished = _decode(model, prompts, prompt_mask, num_generations, params, generator)
+
+        # Outside inference mode these ops turn inference tensors into normal ones, which
+        # autograd accepts as inputs (embedding indices, masks) in the training step.
+        eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
+        completion_ids = torch.stack(tokens, dim=1)  # [N, T]
+        is_eos = torch.isin(completion_ids, eos)
+        completion_mask = ((is_eos.cumsum(-1) - is_eos.long()) == 0).long()  # no EOS strictly before
+        return Rollout(
+            prompt_ids=prompts.repeat_interleave(num_generations, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(num_generations, dim=0),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            logprobs=torch.stack(logprobs, dim=1),
+            truncated=~finished,
+        )
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Left-pad token-id lists into `[B, P]` ids and a `[B, P]` long mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_token_id] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def _decode(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    num_generations: int,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """The decode loop. Returns per-step tokens `[N]`, log-probs `[N]`, and `finished` `[N]`."""
+    B, P = prompt_ids.shape
+    G, T = num_generations, params.max_new_tokens
+    N = B * G
+    device = prompt_ids.device
+
+    # Prefill: once per distinct prompt, only the last position's logits.
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [N, V]
+    if G > 1:
+        # Every cache layer type implements `reorder_cache` (an index_select on the batch
+        # dim), including linear-attention layers that lack `batch_repeat_interleave`.
+        cache.reorder_cache(torch.arange(B, device=device).repeat_interleave(G))
+
+    # Left padding puts a real token last, so the next position is the prompt length.
+    next_position = position_ids[:, -1:].repeat_interleave(G, dim=0) + 1  # [N, 1]
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), prompt_mask.new_ones(N, T)], dim=1)
+    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for t in range(T):
+        token, logprob = sample_next_token(logits.float(), params, generator)  # [N], [N]
+        token = token.masked_fill(finished, params.pad_token_id)
+        tokens.append(token)
+        logprobs.append(logprob.masked_fill(finished, 0.0))
+        finished = finished | torch.isin(token, eos)
+        if t == T - 1 or not any_rank_running(~finished):
+            break
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask[:, : P + t + 1],
+            position_ids=next_position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1]
+        next_position = next_position + 1
+    return tokens, logprobs, finished
+
+
+def any_rank_running(running: Tensor) -> bool:
+    """Whether any row on any rank is still generating; the loop's single device sync.
+
+    A sharded model (FSDP) gathers its weights collectively in every forward, so all ranks
+    must run the same number of forward passes: a rank whose rows are done keeps stepping
+    until the MAX of this flag over ranks is 0.
+    """
+    flag = running.any()
+    if dist.is_available() and dist.is_initialized():
+        flag = flag.int()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def sample_next_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Pick the next token of each row and its log-prob under the sampling policy.
+
+    Args:
+        logits: `[N, V]` float32 next-token logits.
+        params: Temperature, top-k and top-p.
+        generator: RNG for the sampling noise.
+
+    Returns:
+        `[N]` token ids and `[N]` log-probs from `log_softmax(logits / temperature)` over
+        the full vocabulary (unfiltered; temperature 1 when greedy).
+    """
+    if params.greedy:
+        token = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1)
+    else:
+        logits = logits / params.temperature
+        logprobs = logits.log_softmax(-1)
+        if params.top_k > 0 or params.top_p < 1:
+            candidates, index = _top_k_top_p(logits, params.top_k, params.top_p)  # [N, K], [N, K]
+            token = index.gather(-1, _gumbel_argmax(candidates, generator)[:, None]).squeeze(-1)
+        else:
+            token = _gumbel_argmax(logits, generator)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+def _top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+    """The candidate logits, sorted descending (filtered-out ones `-inf`), and their token ids.
+
+    Top-k first, then top-p on the renormalised top-k distribution (Hugging Face's order).
+    With top-k the nucleus is searched among k candidates instead of sorting the vocabulary.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        candidates, index = logits.topk(top_k, dim=-1)  # sorted descending
+    else:
+        candidates, index = logits.sort(dim=-1, descending=True)
+    if top_p < 1:
+        probs = candidates.softmax(-1)
+        # Drop a token once the more likely ones already reach top_p; the first always stays.
+        candidates = candidates.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    return candidates, index
+
+
+def _gumbel_argmax(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Sample from `softmax(logits)` as `argmax(logits + Gumbel noise)`, with no device sync.
+
+    Gumbel noise is `-log(-log(u))` for uniform `u`; drawn from `uniform_` it is several times
+    cheaper on CPU than `exponential_` (which `multinomial` uses for one sample).
+    """
+    neg_gumbel = torch.empty_like(logits).uniform_(generator=generator).log_().neg_().log_()  # [N, V]
+    return (logits - neg_gumbel).argmax(-1)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout; no gradient checkpointing, which would drop the KV cache), then
+    each submodule's own previous mode back: a frozen part may have been in eval on purpose."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _no_grad(model: nn.Module) -> AbstractContextManager:
+    """`inference_mode`, except for FSDP-sharded models, which get `no_grad`.
+
+    Under `inference_mode` FSDP allocates its all-gather buffers as inference tensors, and
+    the next training forward then fails to write into them ("Inplace update to inference
+    tensor outside InferenceMode").
+    """
+    sharded = any(isinstance(module, _FSDP_MODULES) for module in model.modules())
+    return torch.no_grad() if sharded else torch.inference_mode()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device

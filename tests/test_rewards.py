@@ -1,0 +1,683 @@
+import functools
+import math
+import pickle
+import threading
+import time
+
+import pytest
+import torch
+
+from r1_lightning.rewards import (
+    Accuracy,
+    CosineScaledAccuracy,
+    LanguageConsistency,
+    LenientFormat,
+    ReasoningSteps,
+    RepetitionPenalty,
+    Reward,
+    RewardError,
+    RewardSet,
+    SoftOverlong,
+    StrictFormat,
+    TagCount,
+    extract_answer,
+    extract_reasoning,
+    restore_think_prefill,
+    reward_name,
+    score_each,
+)
+from r1_lightning.rewards import accuracy as accuracy_module
+from r1_lightning.rewards.length import text_lengths
+from r1_lightning.rewards.process_pool import TimeoutPool
+
+NAN = float("nan")
+STRICT = "<think>\nreason\n</think>\n<answer>\n42\n</answer>"
+R1_DISTILL_PROMPT = "<｜begin▁of▁sentence｜><｜User｜>What is 6 * 7?<｜Assistant｜><think>\n"
+
+
+def score(reward, completion, **row):
+    """One completion through the public reward signature."""
+    (value,) = reward([completion], prompts=["p"], **{key: [value] for key, value in row.items()})
+    return value
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    # One worker pool for the whole module: starting processes is the slow part.
+    reward = Accuracy()
+    yield reward
+    reward.close()
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "reasoning", "answer"),
+    [
+        # The full R1 layout.
+        (STRICT, "reason", "42"),
+        # Distill style: the answer follows </think> without answer tags.
+        ("<think>r</think>\nThe answer is 7.", "r", "The answer is 7."),
+        # The opening <think> was in the prompt: the reasoning starts the completion.
+        ("r</think><answer>5</answer>", "r", "5"),
+        # Truncated inside the reasoning: no answer yet.
+        ("<think>still going", "still going", None),
+        # An <answer> inside the reasoning is not the final answer.
+        ("<think>try <answer>1</answer></think><answer>2</answer>", "try <answer>1</answer>", "2"),
+        # Truncated inside the answer: what was written counts.
+        ("<think>r</think><answer>\n3", "r", "3"),
+        # No tags at all.
+        ("just text 9", None, None),
+    ],
+)
+def test_extract_reasoning_and_answer(text, reasoning, answer):
+    assert extract_reasoning(text) == reasoning
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "expected"),
+    [
+        # R1-Distill template ends in "<think>\n": the tag and its newline go back in front.
+        (R1_DISTILL_PROMPT, "reason\n</think>\n<answer>\n42\n</answer>", STRICT),
+        # Trailing whitespace after <think> in the prompt is part of what the model saw.
+        ("Q<think>  \n", "r</think>", "<think>  \nr</think>"),
+        # The prompt does not open <think>: unchanged.
+        ("<｜Assistant｜>", "<think>\nr\n</think>", "<think>\nr\n</think>"),
+        # <think> appears in the prompt but is closed/followed by text: unchanged.
+        ("Use <think> tags. Answer:", "r</think>", "r</think>"),
+        # The completion already opens <think> (the template prefills, the model repeats it): unchanged.
+        (R1_DISTILL_PROMPT, "<think>\nr\n</think>", "<think>\nr\n</think>"),
+    ],
+)
+def test_restore_think_prefill(prompt, completion, expected):
+    assert restore_think_prefill(prompt, completion) == expected
+
+
+def test_prefilled_completion_scores_full_format_only_after_restoring():
+    # The model's completion under an R1-Distill template lacks the opening tag it never generated.
+    completion = "reason\n</think>\n<answer>\n42\n</answer>"
+    restored = restore_think_prefill(R1_DISTILL_PROMPT, completion)
+    for reward in (StrictFormat(), LenientFormat(), TagCount()):
+        assert score(reward, completion) < 1.0
+        assert score(reward, restored) == 1.0
+
+
+# ---------------------------------------------------------------- format rewards
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        # The exact layout.
+        (STRICT, 1.0),
+        # A newline before end-of-sequence is allowed.
+        (STRICT + "\n", 1.0),
+        # Right tags, missing newlines.
+        ("<think>reason</think><answer>42</answer>", 0.0),
+        # Text before the reasoning.
+        ("Sure! " + STRICT, 0.0),
+        # Text after the answer.
+        (STRICT + " Hope that helps.", 0.0),
+        # A second answer block would be swallowed by a lazy regex; tags must occur once.
+        ("<think>\na\n</think>\n<answer>\n1\n</answer>\n<answer>\n2\n</answer>", 0.0),
+        # No answer tags.
+        ("<think>\nreason\n</think>\n42", 0.0),
+        # The prefilled <think> was not restored.
+        ("reason\n</think>\n<answer>\n42\n</answer>", 0.0),
+    ],
+)
+def test_strict_format(completion, expected):
+    assert score(StrictFormat(), completion) == expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        # No newlines needed.
+        ("<think>r</think><answer>42</answer>", 1.0),
+        # Whitespace anywhere around and inside the blocks.
+        ("  <think>\n r \n</think>\n\n<answer> 42 </answer>\n", 1.0),
+        # Text between the blocks.
+        ("<think>r</think> The answer is <answer>42</answer>", 0.0),
+        # Wrong order.
+        ("<answer>42</answer><think>r</think>", 0.0),
+        # No answer block.
+        ("<think>r</think> 42", 0.0),
+        # Two reasoning blocks.
+        ("<think>a</think><think>b</think><answer>1</answer>", 0.0),
+    ],
+)
+def test_lenient_format(completion, expected):
+    assert score(LenientFormat(), completion) == expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        # All four pieces once.
+        (STRICT, 1.0),
+        # Reasoning tags only: <think>\n and \n</think>\n.
+        ("<think>\nr\n</think>\n42", 0.5),
+        # <think>\n twice loses that piece only.
+        ("<think>\na<think>\nb\n</think>\n<answer>\n1\n</answer>", 0.75),
+        # Tags without their newlines earn nothing.
+        ("<think>r</think><answer>1</answer>", 0.0),
+        # No tags.
+        ("42", 0.0),
+    ],
+)
+def test_tag_count(completion, expected):
+    assert score(TagCount(), completion) == expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        # Three "Step N:" markers: full reward.
+        ("Step 1: a\nStep 2: b\nStep 3: c", 1.0),
+        # Two numbered lines, anywhere in the text: 2/3.
+        ("Plan:\n1. add\n2. check", 2 / 3),
+        # Four bullets: capped at 1.
+        ("- a\n* b\n- c\n- d", 1.0),
+        # Sentence openers.
+        ("First, add. Finally, check.", 2 / 3),
+        # A decimal is not a numbered line.
+        ("3.14 is close to pi", 0.0),
+        # No steps.
+        ("The answer is 4.", 0.0),
+    ],
+)
+def test_reasoning_steps(completion, expected):
+    assert score(ReasoningSteps(), completion) == pytest.approx(expected)
+
+
+def test_reasoning_steps_min_steps():
+    # One step out of min_steps=1 is already full reward; out of 3 it is a third.
+    assert score(ReasoningSteps(min_steps=1), "Step 1: go") == 1.0
+    assert score(ReasoningSteps(), "Step 1: go") == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- accuracy (math-verify)
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [
+        # LaTeX fraction reference, decimal prediction.
+        ("<think>x</think><answer>0.5</answer>", "\\frac{1}{2}", 1.0),
+        # Decimal reference, \boxed fraction after </think> without answer tags.
+        ("<think>x</think>\nSo it is $\\boxed{\\frac{1}{2}}$.", "0.5", 1.0),
+        # Plain integers.
+        ("<think>x</think><answer>42</answer>", "42", 1.0),
+        # A wrong answer.
+        ("<think>x</think><answer>41</answer>", "42", 0.0),
+        # A numeric reference column.
+        ("<think>x</think><answer>7</answer>", 7, 1.0),
+        # Bare LaTeX in the answer and in the reference is read as math.
+        ("<think>x</think><answer>\\sqrt{2}</answer>", "\\sqrt 2", 1.0),
+        # ... and not as its leading number (undelimited, math-verify would read 3).
+        ("<think>x</think><answer>3\\sqrt{2}</answer>", "3", 0.0),
+        # An equation answer is compared by its value.
+        ("<think>x</think><answer>x = 5</answer>", "5", 1.0),
+        # Only the final answer counts, not one inside the reasoning.
+        ("<think>maybe <answer>5</answer></think><answer>6</answer>", "5", 0.0),
+        # No tags at all: the whole completion is searched.
+        ("The answer is \\boxed{5}", "5", 1.0),
+        # No answer in the completion.
+        ("<think>x</think><answer>no idea</answer>", "5", 0.0),
+        # Unparsable reference: not applicable.
+        ("<think>x</think><answer>5</answer>", "\\frac{", None),
+        # Empty and missing references: not applicable.
+        ("<think>x</think><answer>5</answer>", "", None),
+        ("<think>x</think><answer>5</answer>", None, None),
+    ],
+)
+def test_accuracy(accuracy, completion, answer, expected):
+    assert score(accuracy, completion, answer=answer) == expected
+
+
+def test_accuracy_batch_and_extra_columns(accuracy):
+    # Two groups of G=2, with an extra column the reward must ignore.
+    completions = ["\\boxed{4}", "\\boxed{5}", "\\boxed{9}", "\\boxed{9}"]
+    scores = accuracy(completions, prompts=["a", "a", "b", "b"], answer=["4", "4", "9", "9"], source=["x"] * 4)
+    assert scores == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_accuracy_without_fallback_scores_untagged_completions_zero(accuracy):
+    # Truncated inside the reasoning: with the fallback the "answer is 7" in it is found.
+    completion = "<think>so the answer is 7"
+    assert score(accuracy, completion, answer="7") == 1.0
+    reward = Accuracy(fallback_to_completion=False)
+    assert score(reward, completion, answer="7") == 0.0  # decided without starting workers
+    assert reward._pool is None
+
+
+def test_accuracy_answer_column_and_missing_column(accuracy):
+    reward = Accuracy(answer_column="solution")
+    reward._pool = accuracy._get_pool()  # share the module's workers
+    assert score(reward, "\\boxed{3}", solution="3") == 1.0
+    with pytest.raises(KeyError, match="'solution'.*columns \\['answer'\\]"):
+        score(reward, "\\boxed{3}", answer="3")
+
+
+def test_accuracy_from_a_worker_thread(accuracy):
+    # math-verify's signal-based timeouts fail off the main thread; ours must not.
+    result = {}
+
+    def run():
+        try:
+            result["scores"] = accuracy(["\\boxed{2}", "\\boxed{3}"], prompts=["p", "p"], answer=["2", "2"])
+        except Exception as exc:  # noqa: BLE001  surfaced by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=30)
+    assert result == {"scores": [1.0, 0.0]}
+
+
+def _slow_verify(prediction, reference):
+    if prediction == "slow":
+        time.sleep(5)
+    return 1.0
+
+
+def test_accuracy_kills_a_hung_sample_and_scores_it_zero(monkeypatch):
+    # A verification that hangs (sympy on a pathological expression) is killed at the
+    # time limit; the samples around it are still scored by a fresh worker.
+    monkeypatch.setattr(accuracy_module, "_verify_sample", _slow_verify)
+    reward = Accuracy(timeout=0.3)
+    try:
+        start = time.monotonic()
+        scores = reward(["ok", "slow", "ok"], prompts=["p"] * 3, answer=["1"] * 3)
+        assert time.monotonic() - start < 2.0
+        assert scores == [1.0, 0.0, 1.0]
+    finally:
+        reward.close()
+
+
+def test_accuracy_pickles_without_its_pool(accuracy):
+    # Lightning may pickle or deepcopy a module holding rewards; worker processes cannot travel.
+    copy = pickle.loads(pickle.dumps(accuracy))
+    assert copy._pool is None and copy.timeout == accuracy.timeout
+
+
+def test_timeout_pool_kills_only_the_late_call():
+    pool = TimeoutPool(time.sleep, num_workers=2)
+    try:
+        start = time.monotonic()
+        outcomes = pool.map([(0.0,), (10.0,), (0.0,), (0.0,)], timeout=0.3)
+        assert time.monotonic() - start < 2.0
+        assert [o.status for o in outcomes] == ["ok", "timeout", "ok", "ok"]
+        # The killed worker was replaced: the pool is whole again.
+        assert [o.status for o in pool.map([(0.0,), (0.0,)], timeout=5.0)] == ["ok", "ok"]
+    finally:
+        pool.close()
+
+
+def test_timeout_pool_reports_errors():
+    pool = TimeoutPool(math.sqrt)
+    try:
+        ok, error = pool.map([(4.0,), (-1.0,)], timeout=5.0)
+        assert ok == ("ok", 2.0)
+        assert error.status == "error" and "ValueError" in error.value
+    finally:
+        pool.close()
+
+
+# ---------------------------------------------------------------- length and repetition
+
+
+@pytest.mark.parametrize(
+    ("length", "correct", "expected"),
+    [
+        # r(L) = r_L + (r_0 - r_L)(1 + cos(pi L / 40)) / 2 with L_max = 40.
+        # Correct at L = 20: cos(pi/2) = 0 → 0.5 + 0.5 * 1/2 = 0.75.
+        (20, True, 0.75),
+        # Correct at L_max: cos(pi) = -1 → r_L = 0.5.
+        (40, True, 0.5),
+        # Wrong at L = 20: -0.5 + (-1 + 0.5) * 1/2 = -0.75.
+        (20, False, -0.75),
+        # Wrong at L_max: the mildest penalty, -0.5.
+        (40, False, -0.5),
+        # Correct at L = 10: 0.5 + 0.5 (1 + cos(pi/4)) / 2 = 0.5 + 0.25 (1 + sqrt(2)/2) ≈ 0.9268.
+        (10, True, 0.5 + 0.25 * (1 + math.sqrt(2) / 2)),
+        # Longer than L_max: held at r_L (no exceed_value set).
+        (60, True, 0.5),
+    ],
+)
+def test_cosine_scaled_accuracy(accuracy, length, correct, expected):
+    reward = CosineScaledAccuracy(max_length=40)
+    reward.accuracy = accuracy  # share the module's workers
+    completion = "\\boxed{4}".rjust(length)  # padded to exactly `length` characters
+    assert len(completion) == length
+    assert score(reward, completion, answer="4" if correct else "5") == pytest.approx(expected)
+
+
+def test_cosine_scaled_accuracy_exceed_value_and_unparsable_reference(accuracy):
+    reward = CosineScaledAccuracy(max_length=40, exceed_value=-2.0)
+    reward.accuracy = accuracy
+    # Past L_max the paper's r_exceed applies, correct or not.
+    assert score(reward, "\\boxed{4}".rjust(41), answer="4") == -2.0
+    # Unparsable reference: None, not a length-scaled 0.
+    assert score(reward, "\\boxed{4}", answer="\\frac{") is None
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        # Trigrams abc, bca, cab, abc: 3 unique of 4 → -1 * (1 - 3/4).
+        ("a b c a b c", -0.25),
+        # Case is ignored: the same as above.
+        ("A b C a B c", -0.25),
+        # "go" x5: trigrams 3, unique 1 → -(1 - 1/3).
+        ("go go go go go", -2 / 3),
+        # No repeated trigram.
+        ("the cat sat on the mat", 0.0),
+        # Fewer words than n, and empty text: nothing to penalise.
+        ("hi hi", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_repetition_penalty(completion, expected):
+    assert score(RepetitionPenalty(), completion) == pytest.approx(expected)
+
+
+def test_repetition_penalty_settings():
+    # Bigrams of "a b a b": ab, ba, ab → 2 unique of 3 → -0.5 * (1 - 2/3).
+    assert score(RepetitionPenalty(ngram_size=2, max_penalty=-0.5), "a b a b") == pytest.approx(-0.5 / 3)
+    with pytest.raises(ValueError, match="max_penalty"):
+        RepetitionPenalty(max_penalty=0.5)
+
+
+@pytest.mark.parametrize(
+    ("length", "expected"),
+    [
+        # L_max = 10, L_cache = 4: no punishment up to 6.
+        (3, 0.0),
+        (6, 0.0),
+        # On the ramp: (6 - 8) / 4.
+        (8, -0.5),
+        # At and beyond L_max: -1.
+        (10, -1.0),
+        (11, -1.0),
+    ],
+)
+def test_soft_overlong(length, expected):
+    assert score(SoftOverlong(max_length=10, cache_length=4), "x" * length) == pytest.approx(expected)
+
+
+def test_soft_overlong_rejects_a_cache_longer_than_the_limit():
+    with pytest.raises(ValueError, match="cache_length"):
+        SoftOverlong(max_length=10, cache_length=20)
+
+
+def test_lengths_in_tokens(tmp_path):
+    # A word-level tokenizer saved locally: lengths count its tokens, not characters.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
+    assert text_lengths(["hello world", "hello"], str(tmp_path)) == [2, 1]
+    assert text_lengths(["hello world"]) == [11]
+    # 5 tokens with L_max = 6, L_cache = 2: (4 - 5) / 2.
+    assert score(SoftOverlong(max_length=6, cache_length=2, tokenizer=str(tmp_path)), "hello " * 5) == -0.5
+
+
+# ---------------------------------------------------------------- language consistency
+
+
+@pytest.mark.parametrize(
+    ("target", "completion", "expected"),
+    [
+        # English reasoning; the Chinese answer after </think> is not judged.
+        ("en", "<think>Let me think about this</think>答案是 4", 1.0),
+        # 4 Han characters (one word each) and 2 English words: 2/6.
+        ("en", "<think>首先计算 then add</think>", 2 / 6),
+        # The same reasoning judged for Chinese: 4/6.
+        ("zh", "<think>首先计算 then add</think>", 4 / 6),
+        # Digits and symbols are not words; nothing left to judge.
+        ("en", "<think>12 + 7 = 19</think>", None),
+        # Without think tags the whole completion is the reasoning.
+        ("en", "plain english text", 1.0),
+        # Japanese mixes Han and kana; all of it is Japanese.
+        ("ja", "<think>これは数学です</think>", 1.0),
+        # Cyrillic vs Latin.
+        ("ru", "<think>Привет world</think>", 0.5),
+        # A script name works as a target too; accented Latin letters are Latin.
+        ("latin", "<think>café déjà vu</think>", 1.0),
+    ],
+)
+def test_language_consistency(target, completion, expected):
+    result = score(LanguageConsistency(target), completion)
+    assert result == (None if expected is None else pytest.approx(expected))
+
+
+def test_language_consistency_unknown_target():
+    with pytest.raises(ValueError, match="unknown target 'klingon'.*zh"):
+        LanguageConsistency("klingon")
+
+
+# ---------------------------------------------------------------- names
+
+
+def exact_match(completions, *, prompts, **columns):
+    return [float(c == a) for c, a in zip(completions, columns["answer"])]
+
+
+class HTTPStatusReward(Reward):
+    def __call__(self, completions, *, prompts, **columns):
+        return [1.0] * len(completions)
+
+
+class Named(HTTPStatusReward):
+    name = "custom"
+
+
+def test_reward_names():
+    assert reward_name(exact_match) == "exact_match"
+    assert reward_name(functools.partial(exact_match)) == "exact_match"
+    assert reward_name(lambda completions, **_: [0.0] * len(completions)) == "lambda"
+    assert reward_name(HTTPStatusReward()) == "http_status_reward"
+    assert reward_name(CosineScaledAccuracy()) == "cosine_scaled_accuracy"
+    assert reward_name(Named()) == "custom"
+    renamed = TagCount()
+    renamed.name = "tags"
+    assert reward_name(renamed) == "tags"
+
+
+def test_reward_needs_call():
+    with pytest.raises(TypeError):
+        Reward()
+
+
+# ---------------------------------------------------------------- RewardSet
+
+
+def constant(value):
+    def reward(completions, *, prompts, **columns):
+        return [value] * len(completions)
+
+    reward.__name__ = f"constant_{value}"
+    return reward
+
+
+def test_reward_set_weighted_total():
+    # total = 1.0 * exact_match + 0.5 * lenient_format:
+    #   sample 0: 1 + 0.5 * 1 = 1.5; sample 1: 0 + 0.5 * 0 = 0.
+    reward_set = RewardSet([exact_match, LenientFormat()], weights=[1.0, 0.5])
+    out = reward_set(
+        ["<think>r</think><answer>1</answer>", "2"], prompts=["p", "p"], answer=["<think>r</think><answer>1</answer>", "1"]
+    )
+    assert list(out.scores) == ["exact_match", "lenient_format"]
+    assert torch.equal(out.scores["exact_match"], torch.tensor([1.0, 0.0]))
+    assert torch.equal(out.total, torch.tensor([1.5, 0.0]))
+    assert out.failures == {"exact_match": 0, "lenient_format": 0}
+
+
+def test_reward_set_none_is_nan_and_excluded_from_the_total():
+    def sometimes(completions, *, prompts, **columns):
+        return [None, 2.0, None]
+
+    def never(completions, *, prompts, **columns):
+        return [None, 1.0, None]
+
+    # Sample 0: only constant_1.0 applies → 1; sample 1: 1 + 2 * 2 + 1 = 6; sample 2 as 0.
+    out = RewardSet([constant(1.0), sometimes, never], weights=[1.0, 2.0, 1.0])(["a", "b", "c"], prompts=["p"] * 3)
+    assert torch.equal(out.total, torch.tensor([1.0, 6.0, 1.0]))
+    assert torch.isnan(out.scores["sometimes"][[0, 2]]).all()
+    # No reward applies to samples 0 and 2: their total is NaN, not 0.
+    out = RewardSet([sometimes, never])(["a", "b", "c"], prompts=["p"] * 3)
+    assert torch.isnan(out.total[[0, 2]]).all() and out.total[1].item() == 3.0
+
+
+def test_reward_set_default_weights_and_duplicate_names():
+    out = RewardSet([TagCount(), TagCount()])([STRICT], prompts=["p"])
+    assert list(out.scores) == ["tag_count", "tag_count_2"]
+    assert out.total.item() == 2.0
+
+
+def test_reward_set_accepts_tensor_output():
+    out = RewardSet([lambda completions, **_: torch.ones(len(completions))])(["a", "b"], prompts=["p", "p"])
+    assert torch.equal(out.total, torch.ones(2))
+
+
+@pytest.mark.parametrize("bad_input", ["prompts", "answer"])
+def test_reward_set_rejects_misaligned_columns(bad_input):
+    columns = {"prompts": ["p", "p"], "answer": ["1", "2"]}
+    columns[bad_input] = columns[bad_input][:1]
+    with pytest.raises(ValueError, match=f"'{bad_input}' has 1 entries for 2 completions"):
+        RewardSet([constant(1.0)])(["a", "b"], **columns)
+
+
+def test_reward_set_constructor_checks():
+    with pytest.raises(ValueError, match="2 reward weights for 1 rewards"):
+        RewardSet([constant(1.0)], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="on_error"):
+        RewardSet([constant(1.0)], on_error="zero")
+    with pytest.raises(TypeError, match="callable"):
+        RewardSet(["not a reward"])
+
+
+def test_reward_set_wrong_count_names_the_reward():
+    def two_short(completions, *, prompts, **columns):
+        return [1.0] * (len(completions) - 2)
+
+    with pytest.raises(RewardError, match="reward 'two_short' returned 1 scores for 3 completions"):
+        RewardSet([two_short])(["a", "b", "c"], prompts=["p"] * 3)
+    out = RewardSet([two_short, constant(1.0)], on_error="none")(["a", "b", "c"], prompts=["p"] * 3)
+    assert torch.isnan(out.scores["two_short"]).all() and out.failures["two_short"] == 3
+    assert torch.equal(out.total, torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("bad_value", "message"),
+    [
+        # NaN and infinity would poison the group's advantages.
+        (NAN, "non-finite score nan"),
+        (math.inf, "non-finite score inf"),
+        # A string is not a score.
+        ("1.0", "non-numeric score '1.0'"),
+    ],
+)
+def test_reward_set_invalid_scores(bad_value, message):
+    def flaky(completions, *, prompts, **columns):
+        return [1.0, bad_value, 1.0]
+
+    with pytest.raises(RewardError, match=f"reward 'flaky' on sample 1 of 3 \\('b'\\) returned a {message}"):
+        RewardSet([flaky])(["a", "b", "c"], prompts=["p"] * 3)
+    out = RewardSet([flaky], on_error="none")(["a", "b", "c"], prompts=["p"] * 3)
+    # Only the bad sample is lost.
+    assert out.failures == {"flaky": 1}
+    assert out.scores["flaky"][[0, 2]].tolist() == [1.0, 1.0] and torch.isnan(out.scores["flaky"][1])
+
+
+class Picky(Reward):
+    """Fails on one sample, scoring with `score_each` so the failure names it."""
+
+    def __call__(self, completions, *, prompts, **columns):
+        return score_each(lambda completion: 1.0 / (completion != "boom"), completions)
+
+
+def test_reward_set_raising_reward_policy_raise():
+    # The per-sample reward names the sample and a snippet of its completion.
+    with pytest.raises(RewardError, match="reward 'picky' on sample 1 of 2 \\('boom'\\) raised ZeroDivisionError") as info:
+        RewardSet([Picky()])(["fine", "boom"], prompts=["p", "p"])
+    assert info.value.reward == "picky" and info.value.index == 1 and info.value.completion == "boom"
+    assert isinstance(info.value.__cause__, RewardError)  # chained to the original traceback
+
+    # A plain function that raises out of its batch: named, sample unknown.
+    def broken(completions, *, prompts, **columns):
+        raise KeyError("answer")
+
+    with pytest.raises(RewardError, match="reward 'broken' raised KeyError: 'answer'") as info:
+        RewardSet([broken])(["a"], prompts=["p"])
+    assert info.value.index is None and isinstance(info.value.__cause__, KeyError)
+
+
+def test_reward_set_raising_reward_policy_none(caplog):
+    out = RewardSet([Picky(), constant(0.5)], on_error="none")(["fine", "boom"], prompts=["p", "p"])
+    # The failed call's scores are None (NaN), counted, logged; never a silent 0.0.
+    assert torch.isnan(out.scores["picky"]).all()
+    assert out.failures == {"picky": 2, "constant_0.5": 0}
+    assert torch.equal(out.total, torch.tensor([0.5, 0.5]))
+    assert "reward 'picky' on sample 1 of 2 ('boom') raised ZeroDivisionError" in caplog.text
+
+
+def sleepy(completions, *, prompts, **columns):
+    time.sleep(0.3)
+    return [1.0] * len(completions)
+
+
+def test_reward_set_timeout_policy_raise():
+    reward_set = RewardSet([constant(1.0), sleepy], timeout=0.05)
+    start = time.monotonic()
+    with pytest.raises(RewardError, match="reward 'sleepy' exceeded the 0.05s timeout on a batch of 2 completions"):
+        reward_set(["a", "b"], prompts=["p", "p"])
+    assert time.monotonic() - start < 0.25  # did not wait for the sleeper
+
+
+def test_reward_set_timeout_policy_none_from_a_worker_thread(caplog):
+    # Thread-based timeouts work off the main thread, where signal.alarm cannot.
+    reward_set = RewardSet([constant(1.0), sleepy], on_error="none", timeout=0.05)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", reward_set(["a", "b"], prompts=["p", "p"])))
+    thread.start()
+    thread.join(timeout=5)
+    out = result["out"]
+    assert torch.isnan(out.scores["sleepy"]).all() and out.failures == {"constant_1.0": 0, "sleepy": 2}
+    assert torch.equal(out.total, torch.ones(2))
+    # The abandoned call is still sleeping: the next call skips it instead of piling up threads.
+    threads = threading.active_count()
+    out = reward_set(["a"], prompts=["p"])
+    assert out.failures["sleepy"] == 1 and threading.active_count() == threads
+    assert "reward 'sleepy' is still running an earlier call that exceeded the 0.05s timeout" in caplog.text
+    # Once the late call has finished, the reward is called again (and is fast enough now).
+    time.sleep(0.35)
+    reward_set.timeout = 1.0
+    assert reward_set(["a"], prompts=["p"]).failures["sleepy"] == 0
+
+
+def test_reward_set_with_accuracy_from_a_worker_thread(accuracy):
+    # The set as GRPO uses it: a real math reward and a format reward, with a time limit.
+    reward_set = RewardSet([accuracy, StrictFormat()], weights=[1.0, 0.5], timeout=10.0)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "out", reward_set([STRICT, "<think>\nr\n</think>\n<answer>\n41\n</answer>"], prompts=["p", "p"], answer=["42", "42"])
+        )
+    )
+    thread.start()
+    thread.join(timeout=30)
+    assert torch.equal(result["out"].total, torch.tensor([1.5, 0.5]))
+
+
+def test_reward_set_pickles():
+    reward_set = RewardSet([TagCount(), exact_match], timeout=1.0)
+    copy = pickle.loads(pickle.dumps(reward_set))
+    assert copy.names == ["tag_count", "exact_match"]
+    assert copy([STRICT], prompts=["p"], answer=[STRICT]).total.item() == 2.0
