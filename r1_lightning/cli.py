@@ -42,12 +42,24 @@ def main(args: list[str] | None = None) -> None:
 
             recipe_main(argv[1:])
         else:
-            R1CLI(args=argv)
-    except UserError as error:
-        if os.environ.get("R1_DEBUG"):
+            R1CLI(args=args)  # None: LightningCLI reads sys.argv itself (passing both makes it warn)
+    except Exception as error:
+        user_error = _find_user_error(error)
+        if user_error is None or os.environ.get("R1_DEBUG"):
             raise
-        print(f"r1-lightning: error: {error}", file=sys.stderr)
+        print(f"r1-lightning: error: {user_error}", file=sys.stderr)
         sys.exit(1)
+
+
+def _find_user_error(error: BaseException | None) -> UserError | None:
+    """The UserError behind ``error``: jsonargparse wraps errors raised while instantiating classes."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
 
 
 if __name__ == "__main__":

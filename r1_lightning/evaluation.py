@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from r1_lightning.rewards import Accuracy, LenientFormat
-from r1_lightning.rewards.parsing import extract_answer, restore_think_prefill
+from r1_lightning.rewards.parsing import extract_answer, extract_reasoning, restore_think_prefill
 from r1_lightning.rl.rollout import RolloutEngine, SamplingParams
 
 
@@ -19,6 +19,7 @@ class Scored:
     answers: list[list[str | None]]
     correct: list[list[float | None]]
     formatted: list[list[float]]
+    reasoning_lengths: list[list[int]]
 
 
 def decode_completions(tokenizer, prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor, num_generations: int) -> list[str]:
@@ -48,11 +49,13 @@ def generate_and_score(
     correct = [None if c is None else float(c) for c in Accuracy()(texts, prompts=prompts, answer=repeated)]
     formatted = [float(f) for f in LenientFormat()(texts, prompts=prompts)]
     answers = [_normalise(extract_answer(t)) for t in texts]
+    reasoning = [extract_reasoning(t) or "" for t in texts]
+    reasoning_lengths = [len(ids) for ids in tokenizer(reasoning, add_special_tokens=False)["input_ids"]]
 
     def by_prompt(values: list) -> list[list]:
         return [values[i : i + num_samples] for i in range(0, len(values), num_samples)]
 
-    return Scored(by_prompt(texts), by_prompt(answers), by_prompt(correct), by_prompt(formatted))
+    return Scored(by_prompt(texts), by_prompt(answers), by_prompt(correct), by_prompt(formatted), by_prompt(reasoning_lengths))
 
 
 def _normalise(answer: str | None) -> str | None:

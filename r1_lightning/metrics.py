@@ -37,13 +37,22 @@ class ReasoningMetrics(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.accuracy, self.majority, self.pass_k, self.format = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
+        self.reasoning_length = MeanMetric()
 
-    def update(self, correct: list[list[float | None]], answers: list[list[str | None]], formatted: list[list[float]]) -> None:
+    def update(
+        self,
+        correct: list[list[float | None]],
+        answers: list[list[str | None]],
+        formatted: list[list[float]],
+        reasoning_lengths: list[list[int]] | None = None,
+    ) -> None:
         """Per prompt: correctness (0/1) of each of its k samples, their normalised answers and format scores.
 
         A prompt whose correctness is None (its reference answer cannot be parsed) counts for
         ``format`` only.
         """
+        for lengths in reasoning_lengths or []:
+            self.reasoning_length.update(sum(lengths) / len(lengths))
         for scores, prompt_answers, fmt in zip(correct, answers, formatted):
             self.format.update(sum(fmt) / len(fmt))
             if any(s is None for s in scores):
@@ -54,8 +63,11 @@ class ReasoningMetrics(torch.nn.Module):
             self.pass_k.update(pass_at_k(len(scores), int(sum(scores)), len(scores)))
 
     def compute(self, k: int) -> dict[str, torch.Tensor]:
-        return {"accuracy": self.accuracy.compute(), f"maj@{k}": self.majority.compute(), f"pass@{k}": self.pass_k.compute(), "format": self.format.compute()}
+        values = {"accuracy": self.accuracy, f"maj@{k}": self.majority, f"pass@{k}": self.pass_k, "format": self.format}
+        if self.reasoning_length.update_count:
+            values["reasoning_length"] = self.reasoning_length
+        return {name: metric.compute() for name, metric in values.items()}
 
     def reset(self) -> None:
-        for metric in (self.accuracy, self.majority, self.pass_k, self.format):
+        for metric in (self.accuracy, self.majority, self.pass_k, self.format, self.reasoning_length):
             metric.reset()

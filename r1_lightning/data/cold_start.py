@@ -104,7 +104,7 @@ class ColdStartDataModule(L.LightningDataModule):
         return [dict(row) for row in dataset]
 
     def _tokenize(self, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-        hp, examples = self.hparams, []
+        hp, examples, dropped = self.hparams, [], 0
         for index, row in enumerate(rows):
             prompt, completion = row[hp.prompt_column], row[hp.completion_column]
             if not isinstance(completion, str) or not isinstance(prompt, (str, list)):
@@ -118,13 +118,17 @@ class ColdStartDataModule(L.LightningDataModule):
                         "(set overlong: drop or truncate, or raise max_length)"
                     )
                 if hp.overlong == "drop":
-                    self.num_dropped += 1
+                    dropped += 1
                     continue
                 completion_ids = completion_ids[: hp.max_length - len(prompt_ids)]
-            answer = row.get(hp.answer_column) or extract_answer(completion)
-            examples.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids, "answer": str(answer)})
-        if self.num_dropped:
-            rank_zero_warn(f"{source}: dropped {self.num_dropped} samples longer than max_length={hp.max_length}")
+            answer = row.get(hp.answer_column)
+            if answer is None or not str(answer).strip():  # `or` would also discard a numeric 0 answer
+                answer = extract_answer(completion)
+            # No reference stays None (Accuracy: not applicable), never the string "None".
+            examples.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids, "answer": None if answer is None else str(answer)})
+        if dropped:
+            self.num_dropped += dropped
+            rank_zero_warn(f"{source}: dropped {dropped} samples longer than max_length={hp.max_length}")
         return examples
 
     def train_dataloader(self) -> DataLoader:

@@ -59,6 +59,8 @@ def _load_local(path: Path, split: str, option: str) -> datasets.Dataset:
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
         raise DataError(f"{option}={str(path)!r}: unknown file type {suffix!r}; use one of {', '.join(FILE_FORMATS)}")
+    if path.stat().st_size == 0:  # otherwise each reader fails in its own words ("Expecting value", ...)
+        raise DataError(f"{option}={str(path)!r}: the file is empty")
     if suffix == ".jsonl":
         return datasets.Dataset.from_list(_read_jsonl(path))
     if suffix == ".json":

@@ -28,6 +28,7 @@ from r1_lightning.errors import ConfigError
 
 Split = Literal["sft", "rl", "eval"]
 _SPLIT_SEEDS = {"sft": 1, "rl": 2, "eval": 3}
+_MAX_MISSES = 100_000  # draws in a row without a new problem before we call the split exhausted
 
 
 @dataclass
@@ -55,11 +56,19 @@ class ArithmeticTask:
     def rows(self, split: Split, num_samples: int) -> list[dict[str, str]]:
         """``num_samples`` rows ``{prompt, completion, answer}`` of one split, without repeats."""
         rng = random.Random(f"{self.seed}-{_SPLIT_SEEDS[split]}")
-        rows, seen = [], set()
+        rows, seen, misses = [], set(), 0
         while len(rows) < num_samples:
             a, op, b = self._draw(rng)
             if (a, op, b) in seen or (split == "eval") != is_held_out(a, op, b):
+                misses += 1
+                if misses > _MAX_MISSES:  # the split has fewer distinct problems than asked for
+                    raise ConfigError(
+                        f"task: found only {len(rows)} distinct {split!r} problems with min_digits={self.min_digits}, "
+                        f"max_digits={self.max_digits}, operations={self.operations!r}; asked for {num_samples}: "
+                        "ask for fewer samples or allow more digits"
+                    )
                 continue
+            misses = 0
             seen.add((a, op, b))
             rows.append(solve(a, op, b))
         return rows

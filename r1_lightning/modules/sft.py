@@ -76,7 +76,7 @@ class PolicySFT(L.LightningModule):
         self.model = load_model(
             hp.model_name_or_path, vocab_size=len(self.tokenizer), dtype=hp.dtype, gradient_checkpointing=hp.gradient_checkpointing,
             lora=hp.lora, trust_remote_code=hp.trust_remote_code, seed=hp.seed,
-        )
+        ).train()  # from_pretrained returns eval mode
 
     def completion_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-mean negative log-likelihood of the completion tokens; returns (loss, token count)."""
@@ -104,7 +104,7 @@ class PolicySFT(L.LightningModule):
         )
         generator = torch.Generator(device=self.device).manual_seed(hp.seed + batch_idx)
         scored = generate_and_score(self.model, self.tokenizer, self.engine, batch["prompt_ids"], batch["answers"], params, hp.eval_num_samples, generator)
-        self.val_metrics.update(scored.correct, scored.answers, scored.formatted)
+        self.val_metrics.update(scored.correct, scored.answers, scored.formatted, scored.reasoning_lengths)
 
     @override
     def on_validation_epoch_end(self) -> None:

@@ -54,7 +54,7 @@ def _num_token_slots(mask: Tensor, max_completion_length: int | None) -> int:
 
 
 # name -> (sum of the items being averaged, default denominator)
-_AGGREGATIONS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, int | None], Tensor | int]]] = {
+AGGREGATIONS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, int | None], Tensor | int]]] = {
     "grpo": (_sum_of_sequence_means, _num_sequences),
     "bnpo": (masked_sum, _num_tokens),
     "dapo": (masked_sum, _num_tokens),
@@ -63,8 +63,8 @@ _AGGREGATIONS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Ten
 
 
 def _check_aggregation(aggregation: str) -> None:
-    if aggregation not in _AGGREGATIONS:
-        raise ValueError(f"loss aggregation={aggregation!r} is not one of {sorted(_AGGREGATIONS)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation={aggregation!r} is not one of {sorted(AGGREGATIONS)}")
 
 
 def loss_normalizer(
@@ -80,7 +80,7 @@ def loss_normalizer(
             `max_new_tokens`); defaults to T, which varies with the batch's padding.
     """
     _check_aggregation(aggregation)
-    return _AGGREGATIONS[aggregation][1](completion_mask.bool(), max_completion_length)
+    return AGGREGATIONS[aggregation][1](completion_mask.bool(), max_completion_length)
 
 
 def aggregate_loss(
@@ -101,7 +101,7 @@ def aggregate_loss(
     """
     _check_aggregation(aggregation)
     mask = completion_mask.bool()
-    total = _AGGREGATIONS[aggregation][0](per_token_loss, mask)  # []
+    total = AGGREGATIONS[aggregation][0](per_token_loss, mask)  # []
     if normalizer is None:
         normalizer = loss_normalizer(mask, aggregation, max_completion_length)
     return total / normalizer

@@ -1,0 +1,149 @@
+"""Prompts (plus reference answers and any other columns) for GRPO, evaluation and rejection sampling."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from r1_lightning.data.sources import DataError, load_rows, require_columns
+from r1_lightning.data.tasks import ArithmeticTask
+from r1_lightning.errors import ConfigError
+from r1_lightning.policy import encode_prompt, render_prompt
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Tokenised prompts; every other column travels with its prompt to the rewards unchanged.
+
+    ``batch_size`` counts prompts: the module samples ``num_generations`` completions for each,
+    on the rank that holds the prompt, so a group never spans ranks. The tokenizer comes from
+    the LightningModule in ``setup()`` (or pass it for use outside a Trainer).
+
+    Args:
+        path: Training prompts: a JSONL/JSON/Parquet/CSV file, a saved ``datasets`` directory or
+            a hub dataset name; ``None`` uses the built-in arithmetic task.
+        val_path: Validation prompts in the same forms; ``None`` uses the built-in held-out set
+            (or none when ``path`` is set).
+        predict_path: Prompts for ``predict`` (rejection sampling); ``None`` uses ``path``.
+        prompt_column: Column with the prompt: a string or a list of chat messages.
+        batch_size: Prompts per batch (per device).
+        val_batch_size: Prompts per validation batch (default ``batch_size``).
+        max_prompt_length: Most prompt tokens.
+        overlong: A longer prompt is an ``error`` or is ``drop``-ped (counted, warned).
+        system_prompt: Added as a system message to every prompt.
+        task: The built-in task (used when a path is ``None``).
+        num_samples: Built-in training prompts.
+        num_val_samples: Built-in held-out prompts.
+        split: Split of a saved ``DatasetDict`` or hub dataset for training (and predict).
+        val_split: Split for validation.
+        shuffle: Shuffle training prompts each epoch.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        val_path: str | None = None,
+        predict_path: str | None = None,
+        prompt_column: str = "prompt",
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        max_prompt_length: int = 512,
+        overlong: Literal["error", "drop"] = "error",
+        system_prompt: str | None = None,
+        task: ArithmeticTask | None = None,
+        num_samples: int = 1024,
+        num_val_samples: int = 64,
+        split: str = "train",
+        val_split: str = "validation",
+        shuffle: bool = True,
+        num_workers: int = 0,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        if overlong not in ("error", "drop"):
+            raise ConfigError(f"overlong={overlong!r}: choose error or drop")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.task = task or ArithmeticTask()
+        self.tokenizer = tokenizer
+        self.examples: dict[str, list[dict[str, Any]]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        hp = self.hparams
+        if stage in (None, "fit") and "train" not in self.examples:
+            self.examples["train"] = self._load(hp.path, hp.split, "path", "rl", hp.num_samples)
+        if stage in (None, "fit", "validate", "test") and "val" not in self.examples:
+            if hp.val_path is None and hp.path is not None:
+                self.examples["val"] = []
+            else:
+                self.examples["val"] = self._load(hp.val_path, hp.val_split, "val_path", "eval", hp.num_val_samples)
+        if stage in (None, "predict") and "predict" not in self.examples:
+            path = hp.predict_path or hp.path
+            self.examples["predict"] = self._load(path, hp.split, "predict_path" if hp.predict_path else "path", "rl", hp.num_samples)
+
+    def _load(self, path: str | None, split: str, option: str, task_split: str, count: int) -> list[dict[str, Any]]:
+        if path is None:
+            rows, source = self.task.rows(task_split, count), "built-in task"
+            rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+            column = "prompt"
+        else:
+            dataset = load_rows(path, split, option)
+            source, column = f"{option}={path!r}", self.hparams.prompt_column
+            require_columns(dataset, [column], source)
+            rows = [dict(r) for r in dataset]
+        return self._tokenize(rows, column, source)
+
+    def _tokenize(self, rows: list[dict[str, Any]], column: str, source: str) -> list[dict[str, Any]]:
+        hp, examples, dropped = self.hparams, [], 0
+        for index, row in enumerate(rows):
+            prompt = row.pop(column)
+            if not isinstance(prompt, (str, list)) or not prompt:
+                raise DataError(f"{source}: row {index}: column {column!r} must be a non-empty string or list of chat messages")
+            text = render_prompt(self.tokenizer, prompt, hp.system_prompt)
+            ids = encode_prompt(self.tokenizer, text)
+            if len(ids) > hp.max_prompt_length:
+                if hp.overlong == "error":
+                    raise DataError(
+                        f"{source}: row {index}: prompt has {len(ids)} tokens > max_prompt_length={hp.max_prompt_length} "
+                        "(set overlong: drop, or raise max_prompt_length)"
+                    )
+                dropped += 1
+                continue
+            examples.append({"prompt": prompt, "prompt_text": text, "prompt_ids": ids, "columns": row})
+        if dropped:
+            rank_zero_warn(f"{source}: dropped {dropped} prompts longer than max_prompt_length={hp.max_prompt_length}")
+        if not examples:
+            raise DataError(f"{source}: no prompts left (all {len(rows)} longer than max_prompt_length={hp.max_prompt_length})")
+        return examples
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", self.hparams.val_batch_size or self.hparams.batch_size, False) if self.examples.get("val") else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.hparams.val_batch_size or self.hparams.batch_size, False)
+
+    def _loader(self, name: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(self.examples[name], batch_size=batch_size, shuffle=shuffle, collate_fn=collate_prompts, num_workers=self.hparams.num_workers)
+
+
+def collate_prompts(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lists, not tensors: prompts are padded by the rollout engine; columns keep their Python values."""
+    names = sorted({name for e in examples for name in e["columns"]})
+    return {
+        "prompts": [e["prompt"] for e in examples],
+        "prompt_texts": [e["prompt_text"] for e in examples],
+        "prompt_ids": [e["prompt_ids"] for e in examples],
+        "columns": {name: [e["columns"].get(name) for e in examples] for name in names},
+    }

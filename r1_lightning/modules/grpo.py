@@ -1,0 +1,394 @@
+"""Group Relative Policy Optimization with rule-based rewards and a KL penalty to a frozen reference.
+
+DeepSeekMath (https://arxiv.org/abs/2402.03300) introduced GRPO; DeepSeek-R1
+(https://arxiv.org/abs/2501.12948) trains reasoning with it. For each prompt q, sample G
+completions, score them with the rewards, take A_i = (r_i - mean r) / std r for every token of
+o_i, and maximise mean_tokens min(ρA, clip(ρ, 1-ε, 1+ε)A) - β·KL(π_θ‖π_ref) with the k3 estimator.
+Variants (Dr. GRPO, DAPO, GSPO, RLOO) are selected by name; see ``r1_lightning.rl``.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from r1_lightning.errors import ConfigError
+from r1_lightning.evaluation import decode_completions, generate_and_score
+from r1_lightning.export import export_hf_model
+from r1_lightning.metrics import ReasoningMetrics
+from r1_lightning.optim import adamw_warmup_cosine, total_training_steps
+from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
+from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
+from r1_lightning.rl.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_mask, group_advantages
+from r1_lightning.rl.kl import KLEstimator, kl_reward_penalty, resolve_kl_estimator
+from r1_lightning.rl.losses import AGGREGATIONS, loss_normalizer, policy_loss
+from r1_lightning.rl.masked import masked_mean
+from r1_lightning.rl.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
+
+
+@dataclass
+class RolloutBatch:
+    """One step's rollouts as callbacks see them (``outputs["rollout"]`` in ``on_train_batch_end``)."""
+
+    rollout: Rollout
+    texts: list[str]
+    rewards: torch.Tensor  # [B*G] weighted total, NaN where no reward applied
+    reward_scores: dict[str, torch.Tensor]  # name -> [B*G]
+    advantages: torch.Tensor  # [B*G]
+    num_generations: int
+
+
+class GRPO(L.LightningModule):
+    """GRPO on a causal LM: group rollouts, pluggable rewards and KL estimator, clipped policy loss.
+
+    ``trainer.max_steps`` counts optimizer steps: ``num_iterations × ceil(B·G / mini_batch_size)``
+    per batch of prompts.
+
+    Args:
+        model_name_or_path: A local Hugging Face directory (e.g. the SFT stage's ``hf_model/``),
+            a hub id, or ``builtin:tiny``.
+        rewards: Reward functions or ``Reward`` objects (``class_path`` in YAML). Default:
+            ``Accuracy`` and ``LenientFormat``.
+        reward_weights: One weight per reward (default 1.0 each).
+        reward_on_error: A reward that raises, times out or returns bad scores: ``raise`` one
+            error naming it and the sample, or ``none`` (scores become None, failures are logged).
+        reward_timeout: Seconds each reward may take per batch (``None``: no limit).
+        num_generations: G, completions sampled per prompt.
+        max_new_tokens: Token budget of a completion.
+        temperature: Sampling temperature (log-probs are scored at the same temperature).
+        top_p: Nucleus sampling threshold.
+        top_k: Top-k sampling (0 = off).
+        beta: KL coefficient; 0 loads no reference model at all.
+        kl_estimator: ``k1``, ``k2``, ``k3`` or a ``KLEstimator`` (``class_path``).
+        kl_placement: ``loss`` (GRPO / R1) or ``reward`` (PPO-style: subtract β·KL per sequence).
+        epsilon: Lower clip range ε.
+        epsilon_high: Upper clip range (DAPO clip-higher); default ``epsilon``.
+        num_iterations: μ, policy updates per batch of rollouts. At 1 the ratio is 1 in value
+            and no extra forward computes π_old.
+        mini_batch_size: Completions per optimizer step (default: all B·G of a batch).
+        micro_batch_size: Completions per forward/backward (gradient accumulation within a
+            mini-batch; default ``mini_batch_size``).
+        advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``
+            or ``rloo`` (leave-one-out).
+        loss_aggregation: ``grpo`` (sequence mean), ``bnpo``/``dapo`` (token mean) or
+            ``dr_grpo`` (constant normaliser).
+        importance_level: ``token`` ratios, or ``sequence`` (GSPO).
+        mask_truncated: Exclude completions that hit ``max_new_tokens`` from the loss (DAPO).
+        dynamic_sampling: Drop groups whose rewards are all equal from the loss (DAPO; no refill).
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up optimizer steps.
+        min_lr_ratio: The cosine ends at ``min_lr_ratio * learning_rate``.
+        max_grad_norm: Gradient clipping by global norm (0 = off).
+        dtype: Weights dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        gradient_checkpointing: Recompute activations in the backward pass.
+        lora: Train a LoRA adapter; the reference is then the base model with the adapter disabled.
+        trust_remote_code: Allow model code from the model directory.
+        logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary.
+        eval_num_samples: k, completions per validation prompt (pass@1 averaged over k, maj@k).
+        eval_temperature: Validation sampling temperature (0 = greedy, then use k = 1).
+        eval_max_new_tokens: Validation token budget (default ``max_new_tokens``).
+        rollout_engine: How completions are sampled (default: ``HFGenerateEngine``).
+        export_hf: Write ``<log dir>/hf_model/`` when fit ends.
+        seed: Seed of sampling (per rank and step) and of a built-in model's initial weights.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "builtin:tiny",
+        rewards: list[RewardFn] | None = None,
+        reward_weights: list[float] | None = None,
+        reward_on_error: Literal["raise", "none"] = "raise",
+        reward_timeout: float | None = None,
+        num_generations: int = 8,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        beta: float = 0.04,
+        kl_estimator: str | KLEstimator = "k3",
+        kl_placement: Literal["loss", "reward"] = "loss",
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        num_iterations: int = 1,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        advantage_estimator: str = "grpo",
+        loss_aggregation: str = "grpo",
+        importance_level: Literal["token", "sequence"] = "token",
+        mask_truncated: bool = False,
+        dynamic_sampling: bool = False,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        max_grad_norm: float = 1.0,
+        dtype: str = "auto",
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        trust_remote_code: bool = False,
+        logprob_chunk_size: int = 1024,
+        eval_num_samples: int = 4,
+        eval_temperature: float = 1.0,
+        eval_max_new_tokens: int | None = None,
+        rollout_engine: RolloutEngine | None = None,
+        export_hf: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["rewards", "kl_estimator", "rollout_engine"])
+        _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level)
+        self.automatic_optimization = False
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.reward_set = RewardSet(rewards or [Accuracy(), LenientFormat()], reward_weights, reward_on_error, reward_timeout)
+        self.kl_estimator = resolve_kl_estimator(kl_estimator)
+        self.engine = rollout_engine or HFGenerateEngine()
+        self.model: torch.nn.Module | None = None
+        self.ref_model: torch.nn.Module | None = None
+        self.val_metrics = ReasoningMetrics()
+        self.rollout_step = 0  # batches of rollouts so far: seeds sampling, survives checkpoints
+
+    # ----------------------------------------------------------------------------------- setup
+    @override
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        kwargs = dict(vocab_size=len(self.tokenizer), dtype=hp.dtype, trust_remote_code=hp.trust_remote_code, seed=hp.seed)
+        self.model = load_model(hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **kwargs).train()
+        if hp.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
+            self.ref_model = load_model(hp.model_name_or_path, **kwargs).eval().requires_grad_(False)
+
+    def reference_context(self):
+        """Context in which ``reference_model`` computes reference log-probs."""
+        return self.model.disable_adapter() if self.hparams.lora is not None else nullcontext()
+
+    @property
+    def reference_model(self) -> torch.nn.Module:
+        return self.model if self.hparams.lora is not None else self.ref_model
+
+    # -------------------------------------------------------------------------------- training
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        hp, G = self.hparams, self.hparams.num_generations
+        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), self._generator())
+        texts = decode_completions(self.tokenizer, batch["prompt_ids"], rollout.completion_ids, rollout.completion_mask, G)
+        scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
+        rewards = scores.total.to(self.device)  # [B*G]
+
+        inputs, target_mask, P = _training_inputs(rollout)
+        completion_mask = rollout.completion_mask.bool()  # [B*G, T]
+        ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if hp.beta > 0 else None
+        metrics: dict[str, torch.Tensor] = {}
+        if ref_logprobs is not None and hp.kl_placement == "reward":
+            penalty, kl_metrics = kl_reward_penalty(rollout.logprobs, ref_logprobs, completion_mask, self.kl_estimator, hp.beta)
+            rewards, metrics = rewards - penalty, {**metrics, **kl_metrics}
+        advantages, adv_metrics = group_advantages(rewards, G, hp.advantage_estimator)
+        loss_mask = completion_mask & ~rollout.truncated[:, None] if hp.mask_truncated else completion_mask
+        if hp.dynamic_sampling:
+            keep, keep_metrics = dynamic_sampling_mask(rewards, G)
+            loss_mask, metrics = loss_mask & keep.repeat_interleave(G)[:, None], {**metrics, **keep_metrics}
+        old_logprobs = self._old_logprobs(inputs, target_mask, P) if hp.num_iterations > 1 else None
+
+        for _ in range(hp.num_iterations):
+            update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs)
+        self.rollout_step += 1
+        self._log_step(rollout, scores, rewards, {**metrics, **adv_metrics, **update_metrics})
+        record = RolloutBatch(rollout, texts, rewards.detach(), scores.scores, advantages, G)
+        return {"loss": update_metrics["loss"], "rollout": record}
+
+    def _update(self, inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs) -> dict[str, torch.Tensor]:
+        """One pass over the rollouts in mini-batches (one optimizer step each) of micro-batches."""
+        hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
+        rows = advantages.shape[0]
+        mini = hp.mini_batch_size or rows
+        micro = min(hp.micro_batch_size or mini, mini)
+        totals: dict[str, torch.Tensor] = {}
+        for start in range(0, rows, mini):
+            mini_rows = slice(start, min(start + mini, rows))
+            # One normaliser for the whole mini-batch, so micro-batch gradients add up to its gradient.
+            normalizer = loss_normalizer(loss_mask[mini_rows], hp.loss_aggregation, hp.max_new_tokens)
+            for micro_start in range(mini_rows.start, mini_rows.stop, micro):
+                r = slice(micro_start, min(micro_start + micro, mini_rows.stop))
+                logprobs, entropy = self._policy_logprobs({k: v[r] for k, v in inputs.items()}, target_mask[r], P)
+                kl = None if ref_logprobs is None or hp.kl_placement != "loss" else self.kl_estimator(logprobs, ref_logprobs[r])
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[r]
+                loss, metrics = policy_loss(
+                    logprobs, old, advantages[r], loss_mask[r], epsilon_low=hp.epsilon, epsilon_high=hp.epsilon_high,
+                    kl=kl, beta=hp.beta if kl is not None else 0.0, aggregation=hp.loss_aggregation, ratio_level=hp.importance_level,
+                    normalizer=normalizer, max_completion_length=hp.max_new_tokens,
+                )
+                self.manual_backward(loss)
+                weight = (r.stop - r.start) / rows
+                metrics = {**metrics, "loss": loss.detach(), "entropy": masked_mean(entropy, loss_mask[r])}
+                for name, value in metrics.items():
+                    totals[name] = totals.get(name, 0.0) + value.detach() * (1.0 if name in ("loss", "policy_loss") else weight)
+            if hp.max_grad_norm > 0:
+                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        num_minibatches = -(-rows // mini)
+        return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
+
+    def _policy_logprobs(self, inputs, target_mask, P) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs, entropy = token_logprobs(
+            self.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
+            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, return_entropy=True,
+        )
+        return logprobs[:, P:], entropy[:, P:]  # [N, T]
+
+    @torch.no_grad()
+    def _ref_logprobs(self, inputs, target_mask, P) -> torch.Tensor:
+        with self.reference_context():
+            logprobs, _ = token_logprobs(
+                self.reference_model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
+                temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size,
+            )
+        return logprobs[:, P:]
+
+    @torch.no_grad()
+    def _old_logprobs(self, inputs, target_mask, P) -> torch.Tensor:
+        logprobs, _ = token_logprobs(
+            self.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
+            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size,
+        )
+        return logprobs[:, P:]
+
+    def _score_temperature(self) -> float:
+        return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
+
+    def sampling_params(self, evaluation: bool = False) -> SamplingParams:
+        hp = self.hparams
+        eos = {self.tokenizer.eos_token_id, *_as_list(getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))}
+        return SamplingParams(
+            max_new_tokens=(hp.eval_max_new_tokens or hp.max_new_tokens) if evaluation else hp.max_new_tokens,
+            temperature=hp.eval_temperature if evaluation else hp.temperature,
+            top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=sorted(e for e in eos if e is not None), pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    def _generator(self, offset: int = 0) -> torch.Generator:
+        # A seed from (seed, rank, step): every rank samples differently, and a resumed run
+        # samples exactly what the uninterrupted run would have.
+        seed = (self.hparams.seed * 1_000_003 + self.global_rank * 7919 + self.rollout_step + offset) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _log_step(self, rollout: Rollout, scores, rewards: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        lengths = rollout.completion_lengths.float()
+        logged = {
+            "train/reward": torch.nanmean(rewards),
+            "train/completion_length": lengths.mean(),
+            "train/completion_length_max": lengths.max(),
+            "train/truncated_frac": rollout.truncated.float().mean(),
+            "train/loss": metrics["loss"],
+            "train/policy_loss": metrics["policy_loss"],
+            "train/entropy": metrics["entropy"],
+            "train/clip_ratio": metrics["clip_ratio"],
+            "train/clip_ratio_low": metrics["clip_ratio_low"],
+            "train/clip_ratio_high": metrics["clip_ratio_high"],
+            "train/zero_std_frac": metrics["zero_std_frac"],
+            "train/reward_std": metrics["reward_std"],
+        }
+        if "kl" in metrics:
+            logged["train/kl"] = metrics["kl"]
+        if "kept_frac" in metrics:
+            logged["train/kept_frac"] = metrics["kept_frac"]
+        for name, values in scores.scores.items():
+            logged[f"train/rewards/{name}"] = torch.nanmean(values)
+        for name, count in scores.failures.items():
+            logged[f"train/reward_failures/{name}"] = torch.tensor(float(count))
+        logged = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in logged.items()}
+        self.log_dict(logged, sync_dist=True, batch_size=rewards.shape[0])
+        self.log("train/reward_mean", logged["train/reward"], prog_bar=True, sync_dist=True, logger=False)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+
+    # ------------------------------------------------------------------------------ evaluation
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        answers = batch["columns"].get("answer")
+        if answers is None:
+            raise ConfigError("validation prompts need an 'answer' column for val/accuracy")
+        scored = generate_and_score(
+            self.model, self.tokenizer, self.engine, batch["prompt_ids"], answers, self.sampling_params(evaluation=True),
+            self.hparams.eval_num_samples, self._generator(offset=10_000_000 + batch_idx),
+        )
+        self.val_metrics.update(scored.correct, scored.answers, scored.formatted, scored.reasoning_lengths)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        for name, value in self.val_metrics.compute(self.hparams.eval_num_samples).items():
+            self.log(f"val/{name}", value, prog_bar=name == "accuracy")
+        self.val_metrics.reset()
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        for name, value in self.val_metrics.compute(self.hparams.eval_num_samples).items():
+            self.log(f"test/{name}", value)
+        self.val_metrics.reset()
+
+    # ----------------------------------------------------------------------- optimizer, export
+    @override
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        rows = hp.num_generations * self.trainer.datamodule.hparams.batch_size if self.trainer.datamodule else hp.num_generations
+        steps_per_batch = hp.num_iterations * -(-rows // (hp.mini_batch_size or rows))
+        total = total_training_steps(self.trainer) if self.trainer.max_steps > 0 else total_training_steps(self.trainer) * steps_per_batch
+        return adamw_warmup_cosine(self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["r1_rollout_step"] = self.rollout_step
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rollout_step = checkpoint.get("r1_rollout_step", 0)
+
+    @override
+    def on_fit_end(self) -> None:
+        if self.hparams.export_hf:
+            export_hf_model(self.trainer, self.model, self.tokenizer)
+
+
+def _training_inputs(rollout: Rollout) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Prompt + completion inputs [N, P+T], the target mask (completion tokens) and P."""
+    inputs = rollout.model_inputs()
+    P = rollout.prompt_ids.shape[1]
+    target_mask = torch.cat([torch.zeros_like(rollout.prompt_mask, dtype=torch.bool), rollout.completion_mask.bool()], dim=1)
+    return inputs, target_mask, P
+
+
+def _repeat(values: list, times: int) -> list:
+    return [v for v in values for _ in range(times)]
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level) -> None:
+    if num_generations < 1:
+        raise ConfigError(f"num_generations={num_generations}: must be >= 1 (GRPO needs >= 2 for a non-zero advantage)")
+    if beta < 0:
+        raise ConfigError(f"beta={beta}: must be >= 0")
+    if kl_placement not in ("loss", "reward"):
+        raise ConfigError(f"kl_placement={kl_placement!r}: choose loss or reward")
+    if num_iterations < 1:
+        raise ConfigError(f"num_iterations={num_iterations}: must be >= 1")
+    if advantage_estimator not in ADVANTAGE_ESTIMATORS:
+        raise ConfigError(f"advantage_estimator={advantage_estimator!r}: choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    if loss_aggregation not in AGGREGATIONS:
+        raise ConfigError(f"loss_aggregation={loss_aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+    if importance_level not in ("token", "sequence"):
+        raise ConfigError(f"importance_level={importance_level!r}: choose token or sequence")
