@@ -36,7 +36,7 @@ import yaml
 
 from r1_lightning.errors import ConfigError
 
-COLUMNS = ["stage", "accuracy", "maj@k", "format", "reasoning_length", "wall_time_s"]
+COLUMNS = ["stage", "accuracy", "maj@k", "format", "reasoning_length", "accepted_rows", "wall_time_s"]
 
 
 def main(argv: list[str]) -> None:
@@ -68,8 +68,9 @@ def load_recipe(path: str) -> dict[str, Any]:
     for index, stage in enumerate(recipe["stages"]):
         if not isinstance(stage, dict) or "name" not in stage or "config" not in stage:
             raise ConfigError(f"recipe {path}: stage {index} needs 'name' and 'config'")
-        if stage.get("model_from") and stage["model_from"] not in names:
-            raise ConfigError(f"recipe {path}: stage {stage['name']!r} takes model_from={stage['model_from']!r}, which is not an earlier stage")
+        for key in ("model_from", "data_from"):
+            if stage.get(key) and stage[key] not in names:
+                raise ConfigError(f"recipe {path}: stage {stage['name']!r} takes {key}={stage[key]!r}, which is not an earlier stage")
         names.add(stage["name"])
         for config in _as_list(stage["config"]):
             if not Path(config).is_file():
@@ -83,7 +84,7 @@ def run_recipe(recipe: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]
     for stage in recipe["stages"]:
         stage_dir = output_dir / stage["name"]
         done = stage_dir / "stage.json"
-        if done.is_file() and (stage_dir / "hf_model" / "config.json").is_file():
+        if done.is_file() and _stage_output(stage, stage_dir).exists():
             print(f"[recipe] {stage['name']}: done before, skipped")
             rows.append(json.loads(done.read_text()))
             continue
@@ -91,25 +92,43 @@ def run_recipe(recipe: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]
         started = time.perf_counter()
         run_stage(stage, stage_dir, output_dir)
         wall = time.perf_counter() - started
-        row = {"stage": stage["name"], **evaluate(recipe.get("evaluation"), stage_dir / "hf_model"), "wall_time_s": round(wall, 1)}
+        if stage.get("command", "fit") == "fit":
+            row = {"stage": stage["name"], **evaluate(recipe.get("evaluation"), stage_dir / "hf_model")}
+        else:
+            accepted = sum(1 for _ in _stage_output(stage, stage_dir).open())
+            row = {"stage": stage["name"], "accepted_rows": accepted}
+        row["wall_time_s"] = round(wall, 1)
         done.write_text(json.dumps(row))
         rows.append(row)
     write_results(rows, output_dir)
     return rows
 
 
+def _stage_output(stage: dict[str, Any], stage_dir: Path) -> Path:
+    return stage_dir / ("hf_model/config.json" if stage.get("command", "fit") == "fit" else "accepted.jsonl")
+
+
 def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path) -> None:
-    """One LightningCLI ``fit`` whose logger writes to ``stage_dir`` (so ``hf_model/`` lands there)."""
+    """One LightningCLI run (``fit``, or ``predict`` for rejection sampling) writing into ``stage_dir``."""
     from r1_lightning.cli import R1CLI
 
-    args = ["fit"] + [a for c in _as_list(stage["config"]) for a in ("--config", str(c))]
-    args += [
-        "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-        "--trainer.logger.save_dir", str(output_dir), "--trainer.logger.name", stage["name"], "--trainer.logger.version", "",
-    ]
+    command = stage.get("command", "fit")
+    if command not in ("fit", "predict"):
+        raise ConfigError(f"recipe stage {stage['name']!r}: command={command!r}; use fit or predict")
+    args = [command] + [a for c in _as_list(stage["config"]) for a in ("--config", str(c))]
+    if command == "fit":
+        args += [
+            "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+            "--trainer.logger.save_dir", str(output_dir), "--trainer.logger.name", stage["name"], "--trainer.logger.version", "",
+        ]
+    else:
+        args += ["--trainer.default_root_dir", str(stage_dir), "--return_predictions", "false"]
     if stage.get("model_from"):
         args += ["--model.init_args.model_name_or_path", str(output_dir / stage["model_from"] / "hf_model")]
+    if stage.get("data_from"):
+        args += ["--data.init_args.path", str(output_dir / stage["data_from"] / "accepted.jsonl")]
     args += [str(a) for a in stage.get("args", [])]
+    stage_dir.mkdir(parents=True, exist_ok=True)
     R1CLI(args=args)
 
 

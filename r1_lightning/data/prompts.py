@@ -115,7 +115,7 @@ class PromptDataModule(L.LightningDataModule):
                     )
                 dropped += 1
                 continue
-            examples.append({"prompt": prompt, "prompt_text": text, "prompt_ids": ids, "columns": row})
+            examples.append({"index": index, "prompt": prompt, "prompt_text": text, "prompt_ids": ids, "columns": row})
         if dropped:
             rank_zero_warn(f"{source}: dropped {dropped} prompts longer than max_prompt_length={hp.max_prompt_length}")
         if not examples:
@@ -142,6 +142,7 @@ def collate_prompts(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Lists, not tensors: prompts are padded by the rollout engine; columns keep their Python values."""
     names = sorted({name for e in examples for name in e["columns"]})
     return {
+        "indices": [e["index"] for e in examples],
         "prompts": [e["prompt"] for e in examples],
         "prompt_texts": [e["prompt_text"] for e in examples],
         "prompt_ids": [e["prompt_ids"] for e in examples],

@@ -55,6 +55,8 @@ def _load_local(path: Path, split: str, option: str) -> datasets.Dataset:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as error:
             raise DataError(f"{option}={str(path)!r}: not a saved datasets directory ({error})") from None
+        except Exception as error:  # e.g. an empty saved dataset: datasets fails with an IndexError
+            raise DataError(f"{option}={str(path)!r}: cannot read the saved dataset ({type(error).__name__}: {error})") from None
         return _pick_split(loaded, split, f"{option}={str(path)!r}")
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:

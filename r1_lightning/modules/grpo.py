@@ -279,6 +279,9 @@ class GRPO(L.LightningModule):
         seed = (self.hparams.seed * 1_000_003 + self.global_rank * 7919 + self.rollout_step + offset) % (2**63)
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def _prompt_generator(self, index: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed((self.hparams.seed * 1_000_003 + 7 * index + 1) % (2**63))
+
     def _log_step(self, rollout: Rollout, scores, rewards: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         lengths = rollout.completion_lengths.float()
         logged = {
@@ -335,6 +338,29 @@ class GRPO(L.LightningModule):
         for name, value in self.val_metrics.compute(self.hparams.eval_num_samples).items():
             self.log(f"test/{name}", value)
         self.val_metrics.reset()
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Rejection sampling: ``num_generations`` scored samples per prompt (see ``RejectionSamplingWriter``)."""
+        G = self.hparams.num_generations
+        # One generator per prompt, seeded by its dataset index: the samples of a prompt do not
+        # depend on which rank or batch it lands in, so N ranks write exactly what one would.
+        rollouts = [
+            self.engine.generate(self.model, [ids], G, self.sampling_params(), self._prompt_generator(index))
+            for ids, index in zip(batch["prompt_ids"], batch["indices"])
+        ]
+        texts, raw, lengths, truncated = [], [], [], []
+        for ids, rollout in zip(batch["prompt_ids"], rollouts):
+            texts += decode_completions(self.tokenizer, [ids], rollout.completion_ids, rollout.completion_mask, G)
+            raw += self.tokenizer.batch_decode([c[m.bool()].tolist() for c, m in zip(rollout.completion_ids, rollout.completion_mask)], skip_special_tokens=True)
+            lengths += rollout.completion_lengths.tolist()
+            truncated += rollout.truncated.tolist()
+        scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
+        return {
+            "indices": batch["indices"], "prompts": batch["prompts"], "columns": batch["columns"], "num_generations": G,
+            "completions": raw, "scored_texts": texts, "lengths": lengths, "truncated": truncated,
+            "total": scores.total.tolist(), "scores": {name: v.tolist() for name, v in scores.scores.items()},
+        }
 
     # ----------------------------------------------------------------------- optimizer, export
     @override
