@@ -51,7 +51,9 @@ def _bad_inputs(data: Path) -> dict[str, tuple[list, list[str]]]:
         "missing_column": (["--data.path", data / "columns.jsonl"], ["'prompt'", "the columns are: question, completion"]),
         "empty_dataset": (["--data.path", data / "empty.jsonl"], ["empty.jsonl", "empty"]),
         "bad_dtype": (["--model.dtype", "int3"], ["dtype='int3'", "float32"]),
-        "missing_model_dir": (["--model.model_name_or_path", data / "no_model"], ["model_name_or_path=", "no_model", "no such directory"]),
+        "missing_model_dir": (
+            ["--model.model_name_or_path", data / "no_model"], ["model_name_or_path=", "no_model", "no such directory"]
+        ),
     }
 
 
@@ -74,8 +76,10 @@ def runs(cli, tmp_path_factory) -> dict:
     with ThreadPoolExecutor(max_workers=2) as pool:
         stage1 = pool.submit(cli, [*fit, "--trainer.default_root_dir", root / "stage1"], root / "stage1")
         pending = {"help": pool.submit(cli, ["--help"], root, module=True)}  # `python -m r1_lightning`
-        for name, (args, _) in _bad_inputs(root / "bad").items():
+        results["expected"] = {}
+        for name, (args, expected) in _bad_inputs(root / "bad").items():
             pending[name] = pool.submit(cli, [*fit, *args, "--trainer.default_root_dir", root / "bad"], root / "bad")
+            results["expected"][name] = expected
         pending["parse_error"] = pool.submit(cli, [*fit, *PARSE_ERROR[0]], root / "bad")
         results["stage1"] = stage1.result()
         if results["stage1"].returncode == 0:
@@ -149,10 +153,12 @@ def test_python_m_r1_lightning_help(runs):
         assert subcommand in result.stdout
 
 
-@pytest.mark.parametrize("case", ["missing_data_file", "malformed_jsonl", "missing_column", "empty_dataset", "bad_dtype", "missing_model_dir"])
+BAD_INPUT_CASES = ["missing_data_file", "malformed_jsonl", "missing_column", "empty_dataset", "bad_dtype", "missing_model_dir"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
 def test_bad_input_gets_one_clear_message(runs, case):
-    result = runs[case]
-    _, expected = _bad_inputs(runs["root"] / "bad")[case]
+    result, expected = runs[case], runs["expected"][case]
     assert result.returncode == 1, explain(result)
     assert "Traceback" not in result.stderr, explain(result)
     errors = [line for line in result.stderr.splitlines() if line.startswith("r1-lightning: error:")]

@@ -119,12 +119,14 @@ def test_answer_column_and_fallbacks(tmp_path, builtin_tokenizer):
 def test_custom_column_names(tmp_path, builtin_tokenizer):
     rows = [{"question": r["prompt"], "solution": r["completion"], "ref": r["answer"]} for r in ROWS]
     dm = ColdStartDataModule(
-        path=_jsonl(tmp_path, rows), prompt_column="question", completion_column="solution", answer_column="ref", tokenizer=builtin_tokenizer
+        path=_jsonl(tmp_path, rows), prompt_column="question", completion_column="solution", answer_column="ref",
+        tokenizer=builtin_tokenizer,
     )
     dm.setup("fit")
     assert [e["answer"] for e in dm.train_examples] == [r["answer"] for r in ROWS]
     eos = [builtin_tokenizer.eos_token_id]
-    assert [e["completion_ids"] for e in dm.train_examples] == [builtin_tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + eos for r in ROWS]
+    expected = [builtin_tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + eos for r in ROWS]
+    assert [e["completion_ids"] for e in dm.train_examples] == expected
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -267,7 +269,8 @@ def test_overlong_truncate_keeps_the_prompt_and_cuts_the_completion(mixed_length
 def test_overlong_truncate_with_a_prompt_at_max_length_is_an_error(tmp_path, builtin_tokenizer):
     row = {"prompt": "Compute 1+2. " * 5, "completion": "<answer>3</answer>"}
     prompt, _ = _lengths(builtin_tokenizer, row)
-    dm = ColdStartDataModule(path=_jsonl(tmp_path, [row]), max_length=len(prompt), overlong="truncate", tokenizer=builtin_tokenizer)
+    path = _jsonl(tmp_path, [row])
+    dm = ColdStartDataModule(path=path, max_length=len(prompt), overlong="truncate", tokenizer=builtin_tokenizer)
     with pytest.raises(DataError, match=f"row 0 has .* > max_length={len(prompt)}"):
         dm.setup("fit")
 

@@ -13,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from grpo_helpers import (
     GradRecorder,
@@ -32,6 +34,7 @@ from grpo_helpers import (
     prompt_data,
     tiny_grpo,
 )
+from r1_lightning.data.prompts import collate_prompts
 from r1_lightning.evaluation import decode_completions
 from r1_lightning.modules.grpo import _training_inputs
 from r1_lightning.policy import CHATML_TEMPLATE, LoraSettings, build_builtin_tokenizer, encode_prompt, load_model, render_prompt, token_logprobs
@@ -137,6 +140,24 @@ def test_kl_placement(tmp_path, placement):
     else:
         assert torch.equal(step2.rewards, scored)  # rewards untouched
         assert loss[1] > policy_loss[1]  # + β·KL with KL > 0
+
+
+class OwnData(L.LightningDataModule):
+    """A user's own data module: PromptDataModule's batches, but no `batch_size` hyperparameter."""
+
+    def setup(self, stage: str) -> None:
+        inner = prompt_data(tokenizer=self.trainer.lightning_module.tokenizer)
+        inner.setup("fit")
+        self.examples = inner.examples["train"]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.examples, batch_size=2, collate_fn=collate_prompts)
+
+
+def test_trains_with_a_data_module_of_the_users_own(tmp_path):
+    rollouts = RolloutRecorder()
+    trainer = fit(tiny_grpo(), OwnData(), tmp_path, max_steps=2, callbacks=[rollouts])
+    assert trainer.global_step == 2 and [len(r.texts) for r in rollouts.batches] == [ROWS, ROWS]
 
 
 # ------------------------------------------------------------------------------------------- variants
@@ -316,7 +337,8 @@ def test_decode_completions_restores_a_think_opened_by_the_template():
     assert think_prompt.endswith("<|im_start|>assistant\n<think>\n")
     # Prompt 1 from the <think> template, prompt 2 from the plain one; G = 3 completions each.
     prompt_ids = [encode_prompt(tokenizer, think_prompt), encode_prompt(plain, render_prompt(plain, "Compute 1+2."))]
-    bodies = ["1+2=3\n</think>\n<answer>\n3\n</answer>", "<think>\nopened again\n</think>\n<answer>\n3\n</answer>", "3"] * 2
+    well_formed, reopened = "1+2=3\n</think>\n<answer>\n3\n</answer>", "<think>\nopened again\n</think>\n<answer>\n3\n</answer>"
+    bodies = [well_formed, reopened, "3", "3", well_formed, reopened]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [tokenizer(body, add_special_tokens=False)["input_ids"] + [eos] for body in bodies]
     width = max(map(len, encoded)) + 2
@@ -325,10 +347,10 @@ def test_decode_completions_restores_a_think_opened_by_the_template():
 
     texts = decode_completions(tokenizer, prompt_ids, completion_ids, completion_mask, num_generations=3)
     # A completion that opens <think> itself is left alone; the plain template's completions are unchanged.
-    assert texts == ["<think>\n" + bodies[0], bodies[1], "<think>\n3", *bodies[3:]]
+    assert texts == ["<think>\n" + well_formed, reopened, "<think>\n3", "3", well_formed, reopened]
     prompts = ["Compute 1+2."] * 6
-    assert StrictFormat()(texts, prompts=prompts) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
-    assert LenientFormat()(texts, prompts=prompts) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert StrictFormat()(texts, prompts=prompts) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert LenientFormat()(texts, prompts=prompts) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 
 
 def test_rewards_get_the_restored_think_in_training(tmp_path):

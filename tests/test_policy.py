@@ -94,7 +94,9 @@ def test_render_prompt_without_chat_template(builtin_tokenizer):
     plain = copy.deepcopy(builtin_tokenizer)
     plain.chat_template = None
     assert render_prompt(plain, "Compute 1+2.") == "Compute 1+2."  # a base model continues the string as is
-    messages = [{"role": "user", "content": "Compute 1+2."}, {"role": "assistant", "content": "3"}, {"role": "user", "content": "Sure?"}]
+    messages = [
+        {"role": "user", "content": "Compute 1+2."}, {"role": "assistant", "content": "3"}, {"role": "user", "content": "Sure?"}
+    ]
     assert render_prompt(plain, messages) == "user: Compute 1+2.\nassistant: 3\nuser: Sure?\nassistant: "
     assert render_prompt(plain, "Compute 1+2.", system_prompt="Think first.") == (
         "system: Think first.\nuser: Compute 1+2.\nassistant: "
@@ -237,7 +239,9 @@ def test_token_logprobs_equal_naive_log_softmax(builtin_tokenizer, temperature, 
     # Targets: every real token from the 4th on (a stand-in for completion tokens), never padding.
     target_mask = batch["attention_mask"].bool() & (torch.arange(batch["input_ids"].shape[1]) >= 3)
 
-    logprobs, entropy = token_logprobs(model, **batch, target_mask=target_mask, temperature=temperature, chunk_size=5, return_entropy=True)
+    logprobs, entropy = token_logprobs(
+        model, **batch, target_mask=target_mask, temperature=temperature, chunk_size=5, return_entropy=True
+    )
     logprobs.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()

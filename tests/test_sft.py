@@ -79,7 +79,9 @@ def test_packed_sample_does_not_see_its_neighbour(sft, examples):
 
     def sample_logprobs(batch: dict, offset: int) -> torch.Tensor:
         with torch.no_grad():
-            logprobs, _ = token_logprobs(sft.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["loss_mask"])
+            logprobs, _ = token_logprobs(
+                sft.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["loss_mask"]
+            )
         n = len(sample["prompt_ids"]) + len(sample["completion_ids"])
         return logprobs[0, offset : offset + n]
 
@@ -99,7 +101,8 @@ def test_padding_does_not_change_a_sample_logprobs(sft, examples):
 
     def logprobs(batch: dict) -> torch.Tensor:
         with torch.no_grad():
-            return token_logprobs(sft.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["loss_mask"])[0]
+            inputs = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            return token_logprobs(sft.model, *inputs, batch["loss_mask"])[0]
 
     pad_id = sft.tokenizer.pad_token_id
     alone, together = logprobs(pad([short], pad_id)), logprobs(pad([short, long], pad_id))

@@ -366,7 +366,8 @@ class GRPO(L.LightningModule):
     @override
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        rows = hp.num_generations * self.trainer.datamodule.hparams.batch_size if self.trainer.datamodule else hp.num_generations
+        # Prompts per batch from a PromptDataModule-like `batch_size`; a data module without one counts as 1.
+        rows = hp.num_generations * getattr(getattr(self.trainer.datamodule, "hparams", None), "batch_size", 1)
         steps_per_batch = hp.num_iterations * -(-rows // (hp.mini_batch_size or rows))
         total = total_training_steps(self.trainer) if self.trainer.max_steps > 0 else total_training_steps(self.trainer) * steps_per_batch
         return adamw_warmup_cosine(self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
