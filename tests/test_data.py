@@ -385,3 +385,20 @@ def test_builtin_task_too_few_problems_is_a_config_error():
         ArithmeticTask(min_digits=3, max_digits=2)
     with pytest.raises(ConfigError, match="operations"):
         ArithmeticTask(operations="*")
+
+
+def test_json_values_reach_the_rows_exactly_as_written(tmp_path):
+    # Arrow would unify these types (1 → 1.0, missing dict keys → None, or fail on str/int mixes);
+    # the rows must keep what the user wrote.
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "a", "answer": 1, "meta": {"x": 1}}, {"prompt": "b", "answer": "two", "meta": {"y": 2.5}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert list(load_rows(str(path))) == rows
+
+
+def test_a_row_missing_the_prompt_names_the_row(tmp_path, builtin_tokenizer):
+    path = tmp_path / "gap.jsonl"
+    path.write_text('{"prompt": "p", "completion": "c"}\n{"completion": "c"}\n')
+    module = ColdStartDataModule(path=str(path), tokenizer=builtin_tokenizer)
+    with pytest.raises(DataError, match="row 1"):
+        module.setup("fit")

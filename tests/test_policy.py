@@ -225,6 +225,10 @@ def test_lora_trains_only_the_adapter_and_export_merges_it(tmp_path, builtin_tok
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, adapted, atol=1e-5, rtol=1e-5)
     assert json.loads((target / "config.json").read_text())["model_type"] == "qwen2"
+    # the live model keeps training its adapter after the export
+    assert any(".lora_A." in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, adapted)
 
 
 # --- log-probs ------------------------------------------------------------------------------------

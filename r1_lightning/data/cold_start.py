@@ -106,7 +106,7 @@ class ColdStartDataModule(L.LightningDataModule):
     def _tokenize(self, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
         hp, examples, dropped = self.hparams, [], 0
         for index, row in enumerate(rows):
-            prompt, completion = row[hp.prompt_column], row[hp.completion_column]
+            prompt, completion = row.get(hp.prompt_column), row.get(hp.completion_column)
             if not isinstance(completion, str) or not isinstance(prompt, (str, list)):
                 raise DataError(f"{source}: row {index}: {hp.prompt_column!r} must be a string or chat messages and {hp.completion_column!r} a string")
             prompt_ids = encode_prompt(self.tokenizer, render_prompt(self.tokenizer, prompt, hp.system_prompt))

@@ -102,7 +102,7 @@ class PromptDataModule(L.LightningDataModule):
     def _tokenize(self, rows: list[dict[str, Any]], column: str, source: str) -> list[dict[str, Any]]:
         hp, examples, dropped = self.hparams, [], 0
         for index, row in enumerate(rows):
-            prompt = row.pop(column)
+            prompt = row.pop(column, None)
             if not isinstance(prompt, (str, list)) or not prompt:
                 raise DataError(f"{source}: row {index}: column {column!r} must be a non-empty string or list of chat messages")
             text = render_prompt(self.tokenizer, prompt, hp.system_prompt)

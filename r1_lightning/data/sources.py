@@ -20,7 +20,20 @@ class DataError(UserError, ValueError):
     """Bad input data: the message names the file, line and column."""
 
 
-def load_rows(path: str, split: str = "train", option: str = "path") -> datasets.Dataset:
+class Rows(list):
+    """Rows as plain Python dicts, plus the column names (JSON values are kept exactly as written:
+    no Arrow type unification turns 1 into 1.0 or adds missing dict keys)."""
+
+    def __init__(self, rows: list[dict], column_names: list[str] | None = None) -> None:
+        super().__init__(rows)
+        self.column_names = column_names if column_names is not None else list(dict.fromkeys(k for row in rows for k in row))
+
+    @classmethod
+    def from_dataset(cls, dataset: datasets.Dataset) -> "Rows":
+        return cls(dataset.to_list(), list(dataset.column_names))
+
+
+def load_rows(path: str, split: str = "train", option: str = "path") -> Rows:
     """Load a dataset from a file, a ``save_to_disk`` directory, or a hub name.
 
     Args:
@@ -41,7 +54,7 @@ def load_rows(path: str, split: str = "train", option: str = "path") -> datasets
     return dataset
 
 
-def require_columns(dataset: datasets.Dataset, columns: list[str], source: str) -> None:
+def require_columns(dataset: Rows, columns: list[str], source: str) -> None:
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise DataError(
@@ -49,7 +62,7 @@ def require_columns(dataset: datasets.Dataset, columns: list[str], source: str) 
         )
 
 
-def _load_local(path: Path, split: str, option: str) -> datasets.Dataset:
+def _load_local(path: Path, split: str, option: str) -> Rows:
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
@@ -57,18 +70,18 @@ def _load_local(path: Path, split: str, option: str) -> datasets.Dataset:
             raise DataError(f"{option}={str(path)!r}: not a saved datasets directory ({error})") from None
         except Exception as error:  # e.g. an empty saved dataset: datasets fails with an IndexError
             raise DataError(f"{option}={str(path)!r}: cannot read the saved dataset ({type(error).__name__}: {error})") from None
-        return _pick_split(loaded, split, f"{option}={str(path)!r}")
+        return Rows.from_dataset(_pick_split(loaded, split, f"{option}={str(path)!r}"))
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
         raise DataError(f"{option}={str(path)!r}: unknown file type {suffix!r}; use one of {', '.join(FILE_FORMATS)}")
     if path.stat().st_size == 0:  # otherwise each reader fails in its own words ("Expecting value", ...)
         raise DataError(f"{option}={str(path)!r}: the file is empty")
     if suffix == ".jsonl":
-        return datasets.Dataset.from_list(_read_jsonl(path))
+        return Rows(_read_jsonl(path))
     if suffix == ".json":
-        return datasets.Dataset.from_list(_read_json(path))
+        return Rows(_read_json(path))
     try:
-        return datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+        return Rows.from_dataset(datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train"))
     except Exception as error:  # pyarrow/pandas errors are deep; name the file instead
         raise DataError(f"{path}: cannot read as {suffix[1:]}: {error}") from None
 
@@ -101,10 +114,10 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def _load_hub(name: str, split: str, option: str) -> datasets.Dataset:
+def _load_hub(name: str, split: str, option: str) -> Rows:
     repo, _, config = name.partition(":")
     try:
-        return datasets.load_dataset(repo, config or None, split=split)
+        return Rows.from_dataset(datasets.load_dataset(repo, config or None, split=split))
     except Exception as error:
         raise DataError(f"{option}={name!r}: cannot load it as a hub dataset ({type(error).__name__}: {error})") from None
 
