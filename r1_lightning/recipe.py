@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,6 @@ def _stage_output(stage: dict[str, Any], stage_dir: Path) -> Path:
 
 def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path) -> None:
     """One LightningCLI run (``fit``, or ``predict`` for rejection sampling) writing into ``stage_dir``."""
-    from r1_lightning.cli import R1CLI
-
     command = stage.get("command", "fit")
     if command not in ("fit", "predict"):
         raise ConfigError(f"recipe stage {stage['name']!r}: command={command!r}; use fit or predict")
@@ -129,19 +128,17 @@ def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path) -> None:
         args += ["--data.init_args.path", str(output_dir / stage["data_from"] / "accepted.jsonl")]
     args += [str(a) for a in stage.get("args", [])]
     stage_dir.mkdir(parents=True, exist_ok=True)
-    R1CLI(args=args)
+    _cli(args)
 
 
 def evaluate(evaluation: dict[str, Any] | None, model_dir: Path) -> dict[str, Any]:
     """Held-out metrics of ``model_dir`` with the recipe's evaluation config (``validate`` only)."""
     if not evaluation:
         return {}
-    from r1_lightning.cli import R1CLI
-
     args = [a for c in _as_list(evaluation["config"]) for a in ("--config", str(c))]
     args += ["--model.init_args.model_name_or_path", str(model_dir), "--trainer.logger", "false"]
     args += [str(a) for a in evaluation.get("args", [])]
-    cli = R1CLI(args=args, run=False)
+    cli = _cli(args, run=False)
     metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     k = cli.model.hparams.eval_num_samples
     return {
@@ -189,6 +186,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r.get('format', float('nan')):>8.3f}{r.get('reasoning_length', float('nan')):>12.1f}{r['wall_time_s']:>9.1f}"
         )
     return "\n".join(lines)
+
+
+def _cli(args: list[str], run: bool = True):
+    """An in-process LightningCLI run (with ``sys.argv`` hidden, which LightningCLI would warn about)."""
+    from unittest import mock
+
+    from r1_lightning.cli import R1CLI
+
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return R1CLI(args=args, run=run)
 
 
 def _as_list(value: Any) -> list:
