@@ -224,6 +224,7 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     return_entropy: bool = False,
+    prompt_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the tokens marked by ``target_mask``, never materialising [B, T, V] logits.
 
@@ -232,15 +233,21 @@ def token_logprobs(
         attention_mask: [B, T] or None (packed rows: ``position_ids`` separate the samples).
         position_ids: [B, T].
         target_mask: [B, T] bool, True where a token is a target (predicted from the one before).
+        prompt_length: Width P of a prompt block that consecutive rows may share (GRPO's G
+            completions of a prompt): each distinct prompt then runs once (``shared_prefix_hidden``).
 
     Returns:
         ``(logprobs, entropy)``: [B, T] float32, zero where ``target_mask`` is False; ``entropy``
         (detached, for logging) only when asked.
     """
-    from r1_lightning.rl.logprobs import chunked_token_logprobs
+    from r1_lightning.rl.logprobs import chunked_token_logprobs, shared_prefix_hidden
 
     backbone, head = backbone_and_head(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = None
+    if prompt_length:
+        hidden = shared_prefix_hidden(backbone, input_ids, attention_mask, position_ids, prompt_length)
+    if hidden is None:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = target_mask[:, 1:]  # [B, T-1]: position t predicts token t+1
     selected = hidden[:, :-1][targets]  # [M, H], only the target positions reach the vocabulary
     logprobs, entropy = chunked_token_logprobs(

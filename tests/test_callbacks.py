@@ -204,3 +204,40 @@ def test_writer_rejection_reasons() -> None:
     assert writer.rejection_reason(prediction, 2) == "truncated"
     prediction["scores"]["language_consistency"] = [0.5, 1.0, 1.0]
     assert RejectionSamplingWriter().rejection_reason(prediction, 0) == "language_mixing"
+
+
+def test_refreshed_reference_and_refresh_state_are_in_the_checkpoint(tmp_path) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from grpo_helpers import TextHash
+
+    from r1_lightning import GRPO, PromptDataModule
+
+    torch.set_num_threads(1)
+    refresh = ReferenceModelRefresh(every_n_steps=2)
+    module = GRPO(
+        "builtin:tiny-small", rewards=[TextHash()], num_generations=2, max_new_tokens=6, beta=0.1, learning_rate=1e-2, export_hf=False
+    )
+    data = PromptDataModule(batch_size=2, num_samples=8, num_val_samples=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, callbacks=[refresh, checkpoint], limit_val_batches=0)
+    trainer.fit(module, data)
+    assert refresh.refreshes == 1 and refresh.last_refresh_step == 2
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    state = saved["state_dict"]
+    policy = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    reference = {k[len("ref_model."):]: v for k, v in state.items() if k.startswith("ref_model.")}
+    assert policy.keys() == reference.keys()
+    # refreshed at step 2, then the policy took one more step: the saved reference is neither the
+    # base model nor the final policy, and resuming loads it back
+    assert any(not torch.equal(policy[k], reference[k]) for k in policy)
+    base = GRPO("builtin:tiny-small", beta=0.1)
+    base.configure_model()
+    assert any(not torch.equal(base.ref_model.state_dict()[k], reference[k]) for k in reference)
+    resumed = GRPO("builtin:tiny-small", beta=0.1)
+    resumed.configure_model()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.ref_model.state_dict()[k], reference[k]) for k in reference)
+    callback_state = next(v for k, v in saved["callbacks"].items() if "ReferenceModelRefresh" in k)
+    assert callback_state == {"refreshes": 1, "last_refresh_step": 2}

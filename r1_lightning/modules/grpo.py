@@ -240,7 +240,7 @@ class GRPO(L.LightningModule):
     def _policy_logprobs(self, inputs, target_mask, P) -> tuple[torch.Tensor, torch.Tensor]:
         logprobs, entropy = token_logprobs(
             self.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
-            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, return_entropy=True,
+            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, return_entropy=True, prompt_length=P,
         )
         return logprobs[:, P:], entropy[:, P:]  # [N, T]
 
@@ -249,7 +249,7 @@ class GRPO(L.LightningModule):
         with self.reference_context():
             logprobs, _ = token_logprobs(
                 self.reference_model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
-                temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size,
+                temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, prompt_length=P,
             )
         return logprobs[:, P:]
 
@@ -257,7 +257,7 @@ class GRPO(L.LightningModule):
     def _old_logprobs(self, inputs, target_mask, P) -> torch.Tensor:
         logprobs, _ = token_logprobs(
             self.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
-            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size,
+            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, prompt_length=P,
         )
         return logprobs[:, P:]
 
@@ -277,6 +277,11 @@ class GRPO(L.LightningModule):
         # A seed from (seed, rank, step): every rank samples differently, and a resumed run
         # samples exactly what the uninterrupted run would have.
         seed = (self.hparams.seed * 1_000_003 + self.global_rank * 7919 + self.rollout_step + offset) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _eval_generator(self, batch_idx: int) -> torch.Generator:
+        # Independent of training progress: every evaluation of a run samples with the same seeds.
+        seed = (self.hparams.seed * 1_000_003 + self.global_rank * 7919 + 10_000_000 + batch_idx) % (2**63)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _prompt_generator(self, index: int) -> torch.Generator:
@@ -319,7 +324,7 @@ class GRPO(L.LightningModule):
             raise ConfigError("validation prompts need an 'answer' column for val/accuracy")
         scored = generate_and_score(
             self.model, self.tokenizer, self.engine, batch["prompt_ids"], answers, self.sampling_params(evaluation=True),
-            self.hparams.eval_num_samples, self._generator(offset=10_000_000 + batch_idx),
+            self.hparams.eval_num_samples, self._eval_generator(batch_idx),
         )
         self.val_metrics.update(scored.correct, scored.answers, scored.formatted, scored.reasoning_lengths)
 

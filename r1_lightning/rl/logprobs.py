@@ -18,6 +18,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+try:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # transformers without per-layer caches: no prompt sharing
+    DynamicCache = DynamicLayer = None
+
+try:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    _FSDP_MODULES: tuple[type, ...] = (FSDPModule, FullyShardedDataParallel)
+except ImportError:  # torch built without distributed support
+    _FSDP_MODULES = ()
+
 
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     """log softmax(logits)[index] in float32 (float64 for float64 logits): the naive reference.
@@ -163,3 +175,60 @@ def chunked_token_logprobs(
         flat_hidden, weight, bias, flat_targets, float(temperature), chunk_size, return_entropy
     )
     return logprobs.view(targets.shape), (entropy.view(targets.shape) if return_entropy else None)
+
+
+def shared_prefix_hidden(
+    backbone: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prefix_length: int
+) -> Tensor | None:
+    """Final hidden states `[N, L, H]` of rows whose first `prefix_length` tokens repeat, each distinct prefix run once.
+
+    GRPO scores G completions of every prompt: rows `b*G ... b*G+G-1` share their prompt. Each run
+    of identical consecutive prefixes (ids, mask and positions) goes through the model once; its
+    KV cache is then repeated for the run's rows (an `index_select`, differentiable, so gradients
+    flow back into the shared prompt) and only the suffixes run on top of it. The result equals
+    the backbone's hidden states on the whole rows, up to float rounding.
+
+    Args:
+        backbone: The transformer body (hidden states out; see `backbone_and_head`).
+        input_ids: `[N, L]`.
+        attention_mask: `[N, L]` 0/1.
+        position_ids: `[N, L]`.
+        prefix_length: P, the width of the (left-padded) prompt block.
+
+    Returns:
+        `[N, L, H]`, or None where sharing does not apply (no repeated prefix, packed rows, gradient
+        checkpointing or a sharded model, which need one forward per step, or cache layers other
+        than plain `DynamicLayer`): the caller then runs the whole rows.
+    """
+    n, width = input_ids.shape
+    if attention_mask is None or not 0 < prefix_length < width or n < 2 or not _can_share_prefix(backbone):
+        return None
+    prefix = torch.cat([input_ids[:, :prefix_length], attention_mask[:, :prefix_length].long(), position_ids[:, :prefix_length]], 1)
+    starts = torch.ones(n, dtype=torch.bool, device=input_ids.device)  # [N] True where a new prefix begins
+    starts[1:] = (prefix[1:] != prefix[:-1]).any(-1)
+    first = starts.nonzero().squeeze(1)  # [U]; one sync
+    if first.numel() == n:
+        return None
+    cache = DynamicCache(config=backbone.config)
+    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return None
+    head = backbone(
+        input_ids=input_ids[first, :prefix_length], attention_mask=attention_mask[first, :prefix_length],
+        position_ids=position_ids[first, :prefix_length], past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # [U, P, H]
+    owner = starts.cumsum(0) - 1  # [N] index of each row's prefix
+    cache.reorder_cache(owner)
+    tail = backbone(
+        input_ids=input_ids[:, prefix_length:], attention_mask=attention_mask, position_ids=position_ids[:, prefix_length:],
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # [N, L-P, H]
+    return torch.cat([head.index_select(0, owner), tail], dim=1)  # [N, L, H]
+
+
+def _can_share_prefix(backbone: torch.nn.Module) -> bool:
+    if DynamicCache is None:
+        return False
+    for module in backbone.modules():
+        if isinstance(module, _FSDP_MODULES) or (module.training and getattr(module, "gradient_checkpointing", False)):
+            return False
+    return True
