@@ -94,6 +94,7 @@ class GRPO(L.LightningModule):
         eval_num_samples: k, completions per validation prompt (pass@1 averaged over k, maj@k).
         eval_temperature: Validation sampling temperature (0 = greedy, then use k = 1).
         eval_max_new_tokens: Validation token budget (default ``max_new_tokens``).
+        answer_column: Column with the reference answer that validation scores against.
         rollout_engine: How completions are sampled (default: ``HFGenerateEngine``).
         export_hf: Write ``<log dir>/hf_model/`` when fit ends.
         seed: Seed of sampling (per rank and step) and of a built-in model's initial weights.
@@ -137,6 +138,7 @@ class GRPO(L.LightningModule):
         eval_num_samples: int = 4,
         eval_temperature: float = 1.0,
         eval_max_new_tokens: int | None = None,
+        answer_column: str = "answer",
         rollout_engine: RolloutEngine | None = None,
         export_hf: bool = True,
         seed: int = 0,
@@ -319,9 +321,12 @@ class GRPO(L.LightningModule):
     # ------------------------------------------------------------------------------ evaluation
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        answers = batch["columns"].get("answer")
+        answers = batch["columns"].get(self.hparams.answer_column)
         if answers is None:
-            raise ConfigError("validation prompts need an 'answer' column for val/accuracy")
+            raise ConfigError(
+                f"answer_column={self.hparams.answer_column!r}: validation prompts need it for val/accuracy; "
+                f"their columns are: {', '.join(batch['columns']) or '(none)'}"
+            )
         scored = generate_and_score(
             self.model, self.tokenizer, self.engine, batch["prompt_ids"], answers, self.sampling_params(evaluation=True),
             self.hparams.eval_num_samples, self._eval_generator(batch_idx),
