@@ -1,18 +1,20 @@
 """GRPO learns the task: from the cold-start SFT model, a short CPU run raises held-out accuracy.
 
-The SFT model is trained here (≈750 steps of the built-in cold start), as `configs/sft.yaml`
-does; GRPO then runs the `configs/grpo.yaml` hyper-parameters for fewer steps. Held-out
-accuracy is pass@1 averaged over 4 samples at temperature 1 on prompts that never appear in
-training, evaluated with the same seeds before and after.
+The SFT model is `tests/assets/tiny_sft` (what `configs/sft.yaml` produces; see the README
+there); GRPO runs the `configs/grpo.yaml` hyper-parameters for fewer steps. Held-out accuracy
+is pass@1 averaged over 4 samples at temperature 1 on prompts that never appear in training,
+evaluated with the same seeds before and after.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from r1_lightning import GRPO, ColdStartDataModule, PolicySFT, PromptDataModule
+from r1_lightning import GRPO, PromptDataModule
 
 torch.set_num_threads(1)
 
@@ -24,21 +26,14 @@ def _trainer(root, **kwargs) -> L.Trainer:
     )
 
 
-@pytest.fixture(scope="module")
-def sft_model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    L.seed_everything(0)
-    module = PolicySFT(learning_rate=3e-3, warmup_steps=10)
-    data = ColdStartDataModule(batch_size=16, max_length=160, num_samples=2000, num_val_samples=8)
-    _trainer(root, max_epochs=6, limit_val_batches=0).fit(module, data)
-    return root / "hf_model"
+SFT_MODEL = Path(__file__).parent / "assets" / "tiny_sft"
 
 
 @pytest.mark.slow
-def test_grpo_raises_held_out_accuracy_over_the_sft_model(sft_model_dir, tmp_path) -> None:
+def test_grpo_raises_held_out_accuracy_over_the_sft_model(tmp_path) -> None:
     L.seed_everything(0)
     module = GRPO(
-        str(sft_model_dir), num_generations=8, max_new_tokens=96, beta=0.04, learning_rate=1e-4, warmup_steps=5,
+        str(SFT_MODEL), num_generations=8, max_new_tokens=96, beta=0.04, learning_rate=1e-4, warmup_steps=5,
         reward_weights=[1.0, 0.2], eval_num_samples=4, eval_temperature=1.0, export_hf=False,
     )
     data = PromptDataModule(batch_size=8, max_prompt_length=64, num_samples=1024, num_val_samples=128, val_batch_size=64)
