@@ -174,8 +174,8 @@ def _pad_vocabulary(model, vocab_size: int, torch):
         padded = Qwen2ForCausalLM(config)
     state = model.state_dict()
     with torch.no_grad():
-        emb = padded.model.embed_tokens.weight
-        emb[: state["model.embed_tokens.weight"].shape[0]] = state.pop("model.embed_tokens.weight")
+        rows = state.pop("model.embed_tokens.weight")
+        padded.model.embed_tokens.weight[: rows.shape[0]] = rows
         state.pop("lm_head.weight", None)  # tied
         missing, unexpected = padded.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"model.embed_tokens.weight", "lm_head.weight"}, (missing, unexpected)

@@ -15,6 +15,9 @@ A recipe is a plain YAML file::
       - name: grpo
         config: [configs/grpo.yaml]
         model_from: sft              # model_name_or_path = <output_dir>/sft/hf_model
+      - name: distill
+        config: [configs/distill.yaml]
+        teacher_from: grpo           # teacher_name_or_path = <output_dir>/grpo/hf_model (Distillation)
 
 A stage that already has ``hf_model/`` and ``stage.json`` is skipped (re-running resumes the
 chain); ``--fresh`` deletes the output directory first. At the end the recipe prints a table
@@ -69,7 +72,7 @@ def load_recipe(path: str) -> dict[str, Any]:
     for index, stage in enumerate(recipe["stages"]):
         if not isinstance(stage, dict) or "name" not in stage or "config" not in stage:
             raise ConfigError(f"recipe {path}: stage {index} needs 'name' and 'config'")
-        for key in ("model_from", "data_from"):
+        for key in ("model_from", "data_from", "teacher_from"):
             if stage.get(key) and stage[key] not in names:
                 raise ConfigError(f"recipe {path}: stage {stage['name']!r} takes {key}={stage[key]!r}, which is not an earlier stage")
         names.add(stage["name"])
@@ -126,6 +129,8 @@ def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path) -> None:
         args += ["--model.init_args.model_name_or_path", str(output_dir / stage["model_from"] / "hf_model")]
     if stage.get("data_from"):
         args += ["--data.init_args.path", str(output_dir / stage["data_from"] / "accepted.jsonl")]
+    if stage.get("teacher_from"):
+        args += ["--model.init_args.teacher_name_or_path", str(output_dir / stage["teacher_from"] / "hf_model")]
     args += [str(a) for a in stage.get("args", [])]
     stage_dir.mkdir(parents=True, exist_ok=True)
     _cli(args)

@@ -261,7 +261,9 @@ def test_micro_batches_give_the_same_update_as_one_batch(tmp_path, aggregation):
         torch.testing.assert_close(micro_grads[0][name], grad, rtol=1e-4, atol=1e-7, msg=name)
     assert max_change(start, full.model) > 1e-5  # the step did something
     after = parameters(full.model)
-    assert max_change(after, micro.model) < 1e-5
+    # Adam's first step is ≈ lr·g/(|g|+eps): for gradients near eps a 1e-4 relative difference in g
+    # moves a weight by ~1e-5, so the weights get a looser bound than the gradients above.
+    assert max_change(after, micro.model) < 1e-4
 
 
 def test_sequence_level_ratio_changes_the_off_policy_update(tmp_path):

@@ -265,6 +265,7 @@ def _decode(
     # Left padding puts a real token last, so the next position is the prompt length.
     next_position = position_ids[:, -1:].repeat_interleave(G, dim=0) + 1  # [N, 1]
     attention_mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), prompt_mask.new_ones(N, T)], dim=1)
+    attention_mask = _decode_mask(model, attention_mask)
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, logprobs = [], []
@@ -278,7 +279,7 @@ def _decode(
             break
         out = model(
             input_ids=token[:, None],
-            attention_mask=attention_mask[:, : P + t + 1],
+            attention_mask=attention_mask[..., : P + t + 1],
             position_ids=next_position,
             past_key_values=cache,
             use_cache=True,
@@ -286,6 +287,20 @@ def _decode(
         logits = out.logits[:, -1]
         next_position = next_position + 1
     return tokens, logprobs, finished
+
+
+def _decode_mask(model: nn.Module, attention_mask: Tensor) -> Tensor:
+    """The `[N, P+T]` padding mask, or for SDPA models whose every layer attends fully, the
+    `[N, 1, 1, P+T]` boolean mask SDPA takes, which the model then uses as is instead of
+    rebuilding it at every step (a query attends to all cached positions but padding)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "_attn_implementation", None) != "sdpa" or any(t != "full_attention" for t in layer_types):
+        return attention_mask
+    if getattr(config, "use_sliding_window", False) or not layer_types and getattr(config, "sliding_window", None):
+        return attention_mask
+    return attention_mask.bool()[:, None, None, :]
 
 
 def _preallocate(cache, capacity: int) -> None:
