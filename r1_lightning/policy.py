@@ -234,7 +234,8 @@ def token_logprobs(
         position_ids: [B, T].
         target_mask: [B, T] bool, True where a token is a target (predicted from the one before).
         prompt_length: Width P of a prompt block that consecutive rows may share (GRPO's G
-            completions of a prompt): each distinct prompt then runs once (``shared_prefix_hidden``).
+            completions of a prompt): each distinct prompt then runs once, and the rest of the rows
+            in length buckets that skip the padding after the last target (``shared_prefix_hidden``).
 
     Returns:
         ``(logprobs, entropy)``: [B, T] float32, zero where ``target_mask`` is False; ``entropy``
@@ -245,7 +246,10 @@ def token_logprobs(
     backbone, head = backbone_and_head(model)
     hidden = None
     if prompt_length:
-        hidden = shared_prefix_hidden(backbone, input_ids, attention_mask, position_ids, prompt_length)
+        # Position t predicts token t+1: a row needs suffix positions up to its last target - 1.
+        last_target = (target_mask * torch.arange(target_mask.shape[1], device=target_mask.device)).amax(-1)  # [B]
+        needed = (last_target - prompt_length).clamp(min=0)
+        hidden = shared_prefix_hidden(backbone, input_ids, attention_mask, position_ids, prompt_length, needed)
     if hidden is None:
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = target_mask[:, 1:]  # [B, T-1]: position t predicts token t+1

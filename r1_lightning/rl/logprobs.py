@@ -15,6 +15,8 @@ accumulator, V × H × 4 bytes each, independent of M. Gradients return in the i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -177,16 +179,28 @@ def chunked_token_logprobs(
     return logprobs.view(targets.shape), (entropy.view(targets.shape) if return_entropy else None)
 
 
+# One more forward + backward call costs about as much as this many token positions on the tiny
+# CPU model (~5 ms a call, ~80 µs a position); a length bucket is split off only when it saves more.
+BUCKET_OVERHEAD_TOKENS = 64
+
+
 def shared_prefix_hidden(
-    backbone: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prefix_length: int
+    backbone: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    prefix_length: int,
+    suffix_lengths: Tensor | None = None,
 ) -> Tensor | None:
-    """Final hidden states `[N, L, H]` of rows whose first `prefix_length` tokens repeat, each distinct prefix run once.
+    """Final hidden states `[N, L, H]`: each distinct prefix run once, the suffixes in length buckets.
 
     GRPO scores G completions of every prompt: rows `b*G ... b*G+G-1` share their prompt. Each run
     of identical consecutive prefixes (ids, mask and positions) goes through the model once; its
-    KV cache is then repeated for the run's rows (an `index_select`, differentiable, so gradients
-    flow back into the shared prompt) and only the suffixes run on top of it. The result equals
-    the backbone's hidden states on the whole rows, up to float rounding.
+    KV cache is then copied to the rows that share it (an `index_select`, differentiable, so
+    gradients flow back into the shared prompt) and only the suffixes run on top of it. The
+    suffixes run in buckets of similar length, each cut to its longest row, so the padding after
+    a short completion costs nothing (`length_buckets`). The result equals the backbone's hidden
+    states on the whole rows, up to float rounding, wherever a caller needs them.
 
     Args:
         backbone: The transformer body (hidden states out; see `backbone_and_head`).
@@ -194,35 +208,89 @@ def shared_prefix_hidden(
         attention_mask: `[N, L]` 0/1.
         position_ids: `[N, L]`.
         prefix_length: P, the width of the (left-padded) prompt block.
+        suffix_lengths: `[N]` leading suffix positions whose hidden states are needed (default all
+            `L - P`); the others come back as zeros.
 
     Returns:
-        `[N, L, H]`, or None where sharing does not apply (no repeated prefix, packed rows, gradient
-        checkpointing or a sharded model, which need one forward per step, or cache layers other
-        than plain `DynamicLayer`): the caller then runs the whole rows.
+        `[N, L, H]`, or None where this does not apply or saves nothing (no repeated prefix and no
+        padding to skip; packed rows; gradient checkpointing or a sharded model, which need one
+        forward per step; cache layers other than plain `DynamicLayer`): the caller then runs the
+        whole rows.
     """
     n, width = input_ids.shape
-    if attention_mask is None or not 0 < prefix_length < width or n < 2 or not _can_share_prefix(backbone):
+    if attention_mask is None or not 0 < prefix_length < width or not _can_share_prefix(backbone):
         return None
+    suffix = width - prefix_length
+    lengths = [suffix] * n if suffix_lengths is None else suffix_lengths.clamp(0, suffix).tolist()
     prefix = torch.cat([input_ids[:, :prefix_length], attention_mask[:, :prefix_length].long(), position_ids[:, :prefix_length]], 1)
     starts = torch.ones(n, dtype=torch.bool, device=input_ids.device)  # [N] True where a new prefix begins
     starts[1:] = (prefix[1:] != prefix[:-1]).any(-1)
-    first = starts.nonzero().squeeze(1)  # [U]; one sync
-    if first.numel() == n:
+    first = starts.nonzero().squeeze(1)  # [U]
+    buckets = length_buckets(lengths, BUCKET_OVERHEAD_TOKENS)
+    if first.numel() == n and sum(len(rows) * longest for rows, longest in buckets) == n * suffix:
         return None
     cache = DynamicCache(config=backbone.config)
-    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [])):
         return None
     head = backbone(
         input_ids=input_ids[first, :prefix_length], attention_mask=attention_mask[first, :prefix_length],
         position_ids=position_ids[first, :prefix_length], past_key_values=cache, use_cache=True,
     ).last_hidden_state  # [U, P, H]
     owner = starts.cumsum(0) - 1  # [N] index of each row's prefix
-    cache.reorder_cache(owner)
-    tail = backbone(
-        input_ids=input_ids[:, prefix_length:], attention_mask=attention_mask, position_ids=position_ids[:, prefix_length:],
-        past_key_values=cache, use_cache=True,
-    ).last_hidden_state  # [N, L-P, H]
-    return torch.cat([head.index_select(0, owner), tail], dim=1)  # [N, L, H]
+    pieces, order = [], []
+    for rows, longest in buckets:
+        index = torch.tensor(rows, device=input_ids.device)
+        columns = slice(prefix_length, prefix_length + longest)
+        tail = backbone(
+            input_ids=input_ids[index, columns], attention_mask=attention_mask[index, : prefix_length + longest],
+            position_ids=position_ids[index, columns], past_key_values=_select_rows(cache, owner[index]), use_cache=True,
+        ).last_hidden_state  # [n_b, longest, H]
+        pieces.append(torch.nn.functional.pad(tail, (0, 0, 0, suffix - longest)))  # [n_b, L-P, H]
+        order += rows
+    skipped = [row for row, length in enumerate(lengths) if length == 0]
+    if skipped:
+        pieces.append(head.new_zeros(len(skipped), suffix, head.shape[-1]))
+        order += skipped
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(n)
+    tails = torch.cat(pieces).index_select(0, inverse.to(head.device))  # [N, L-P, H]
+    return torch.cat([head.index_select(0, owner), tails], dim=1)  # [N, L, H]
+
+
+def length_buckets(lengths: list[int], overhead: int) -> list[tuple[list[int], int]]:
+    """Group rows of similar length: minimise Σ rows × longest + `overhead` per group (rows of length 0 left out).
+
+    Returns `(row indices, longest length)` per bucket, shortest first. An optimal grouping of
+    length-sorted rows is contiguous, so a dynamic programme over the distinct lengths finds it.
+    """
+    by_length: dict[int, list[int]] = {}
+    for row, length in enumerate(lengths):
+        if length > 0:
+            by_length.setdefault(length, []).append(row)
+    distinct = sorted(by_length)
+    counts = [0]
+    for length in distinct:
+        counts.append(counts[-1] + len(by_length[length]))
+    best, cut = [0.0] + [math.inf] * len(distinct), [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):  # bucket = distinct lengths i..j-1, padded to distinct[j-1]
+        for i in range(j):
+            cost = best[i] + (counts[j] - counts[i]) * distinct[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets, j = [], len(distinct)
+    while j:
+        i = cut[j]
+        buckets.append(([row for length in distinct[i:j] for row in by_length[length]], distinct[j - 1]))
+        j = i
+    return buckets[::-1]
+
+
+def _select_rows(cache, index: Tensor):
+    """A new `DynamicCache` holding rows `index` of `cache` (differentiable)."""
+    selected = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        selected.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
+    return selected
 
 
 def _can_share_prefix(backbone: torch.nn.Module) -> bool:
