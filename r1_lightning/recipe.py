@@ -168,28 +168,32 @@ def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [r["stage"] for r in rows]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    trained = [r for r in rows if "accuracy" in r]  # predict stages (rejection sampling) have no model to score
+    stages = [r["stage"] for r in trained]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key in ("accuracy", "maj@k", "format"):
-        axes[0].plot(stages, [r.get(key, float("nan")) for r in rows], marker="o", label=key)
+        axes[0].plot(stages, [r.get(key, float("nan")) for r in trained], marker="o", label=key)
     axes[0].set_ylim(0, 1.05)
     axes[0].set_title("held-out evaluation")
     axes[0].legend()
-    axes[1].bar(stages, [r.get("reasoning_length", float("nan")) for r in rows])
+    axes[1].bar(stages, [r.get("reasoning_length", float("nan")) for r in trained])
     axes[1].set_title("mean reasoning length (tokens)")
+    for axis in axes:
+        axis.tick_params(axis="x", labelrotation=20)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'stage':<16}{'accuracy':>10}{'maj@k':>8}{'format':>8}{'reason len':>12}{'wall s':>9}"
+    header = f"{'stage':<20}{'accuracy':>10}{'maj@k':>8}{'format':>8}{'reason len':>12}{'wall s':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(
-            f"{r['stage']:<16}{r.get('accuracy', float('nan')):>10.3f}{r.get('maj@k', float('nan')):>8.3f}"
-            f"{r.get('format', float('nan')):>8.3f}{r.get('reasoning_length', float('nan')):>12.1f}{r['wall_time_s']:>9.1f}"
-        )
+        if "accuracy" in r:
+            scores = f"{r['accuracy']:>10.3f}{r['maj@k']:>8.3f}{r['format']:>8.3f}{r['reasoning_length']:>12.1f}"
+        else:
+            scores = f"{'accepted ' + str(r.get('accepted_rows', '-')) + ' rows':>38}"
+        lines.append(f"{r['stage']:<20}{scores}{r['wall_time_s']:>9.1f}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from r1_lightning.rl.logprobs import chunked_token_logprobs, selective_log_softmax
+from r1_lightning.rl.logprobs import chunked_token_logprobs, length_buckets, selective_log_softmax
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -160,3 +160,73 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_rows():
     with _PeakTensorBytes() as meter:
         selective_log_softmax(hidden[:128] @ weight.T, targets[:128]).sum().backward()
     assert meter.peak > bound
+
+
+def test_length_buckets_hand_cases():
+    # Lengths 1, 1, 2, 9 with overhead 4: one bucket costs 4 rows × 9 + 4 = 40; {1, 1, 2} + {9} costs
+    # 3 × 2 + 4 + 9 + 4 = 23; {1, 1} + {2} + {9} costs 2 + 4 + 2 + 4 + 9 + 4 = 25. Rows of length 0 need no forward.
+    assert length_buckets([9, 1, 0, 2, 1], overhead=4) == [([1, 4, 3], 2), ([0], 9)]
+    # A huge overhead keeps one bucket, no overhead gives one bucket per distinct length.
+    assert length_buckets([3, 1, 2], overhead=10**6) == [([1, 2, 0], 3)]
+    assert length_buckets([3, 1, 2], overhead=0) == [([1], 1), ([2], 2), ([0], 3)]
+    assert length_buckets([0, 0], overhead=1) == []
+
+
+def _grpo_rows(vocab: int, prompts: list[list[int]], lengths: list[int], width: int, pad: int = 0):
+    """Left-padded prompts (each repeated for its completions) + right-padded completions, as GRPO builds them."""
+    from r1_lightning.rl.rollout import build_model_inputs, left_pad
+
+    gen = torch.Generator().manual_seed(3)
+    G = len(lengths) // len(prompts)
+    prompt_ids, prompt_mask = left_pad(prompts, pad)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+    completion_ids = torch.randint(1, vocab, (len(lengths), width), generator=gen)
+    completion_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    inputs = build_model_inputs(prompt_ids, prompt_mask, completion_ids.masked_fill(completion_mask == 0, pad), completion_mask)
+    target_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), completion_mask.bool()], dim=1)
+    return inputs, target_mask, prompt_ids.shape[1]
+
+
+@pytest.mark.parametrize("lengths", [[7, 7, 7, 7, 7, 7], [1, 7, 3, 0, 6, 2]])  # full rows; ragged, one empty
+def test_shared_prompt_and_length_buckets_match_whole_rows(lengths):
+    # Each distinct prompt runs once and the completions run in length buckets: log-probs, entropies
+    # and every parameter gradient equal those of one forward over the whole padded rows.
+    from r1_lightning.policy import build_builtin_model, token_logprobs
+    from r1_lightning.rl import logprobs as logprobs_module
+
+    model = build_builtin_model("builtin:tiny-small", vocab_size=40, seed=0)
+    inputs, target_mask, P = _grpo_rows(40, [[5, 6, 7, 8], [9, 10], [11, 12, 13]], lengths, width=7)
+    upstream = torch.randn(target_mask.shape, generator=torch.Generator().manual_seed(4))
+
+    def run(prompt_length, overhead=logprobs_module.BUCKET_OVERHEAD_TOKENS):
+        model.zero_grad()
+        logprobs_module.BUCKET_OVERHEAD_TOKENS, saved = overhead, logprobs_module.BUCKET_OVERHEAD_TOKENS
+        try:
+            logprobs, entropy = token_logprobs(model, **inputs, target_mask=target_mask, return_entropy=True, prompt_length=prompt_length)
+        finally:
+            logprobs_module.BUCKET_OVERHEAD_TOKENS = saved
+        (logprobs * upstream).sum().backward()
+        return logprobs.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = run(None)
+    for overhead in (0, 10**6):  # one bucket per length, and a single bucket
+        got = run(P, overhead)
+        # Float32 rounding differs between the batch shapes, nothing else.
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+        for name, grad in expected[2].items():
+            torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_prompt_forward_runs_each_prompt_once():
+    from r1_lightning.policy import build_builtin_model, token_logprobs
+
+    model = build_builtin_model("builtin:tiny-small", vocab_size=40, seed=0)
+    inputs, target_mask, P = _grpo_rows(40, [[5, 6, 7, 8], [9, 10]], [4, 4, 4, 4], width=4)
+    rows_seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        token_logprobs(model, **inputs, target_mask=target_mask, prompt_length=P)
+    handle.remove()
+    # The 2 distinct prompts (P = 4 columns), then the 4 completions: their last token predicts nothing.
+    assert rows_seen == [(2, P), (4, 3)]

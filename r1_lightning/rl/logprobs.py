@@ -62,17 +62,24 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperatu
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
+# Rows per block of the exp-and-sum passes: their scratch is [SCRATCH_ROWS, V], not a second [C, V].
+SCRATCH_ROWS = 64
+
+
 def _forward_chunk(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float, with_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """log p(target), logsumexp and (optionally) entropy of `C` rows; the `[C, V]` logits die on return."""
+    """log p(target), logsumexp and (optionally) entropy of `C` rows in one `[C, V]` buffer, which dies on return."""
     logits = _chunk_logits(hidden, weight, bias, temperature)  # [C, V]
-    lse = torch.logsumexp(logits, dim=-1)  # [C]
-    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [C]
+    peak = logits.amax(dim=-1)  # [C]
+    shifted = logits.sub_(peak[:, None])  # [C, V], in place; torch.logsumexp would allocate a [C, V] copy
+    log_z = torch.cat([block.exp().sum(dim=-1) for block in shifted.split(SCRATCH_ROWS)]).log_()  # [C]
+    logprobs = shifted.gather(-1, targets[:, None]).squeeze(-1) - log_z  # [C]
     if not with_entropy:
-        return logprobs, lse, None
-    log_p = logits.sub_(lse[:, None])  # [C, V], in place
-    return logprobs, lse, -log_p.exp().mul_(log_p).sum(dim=-1)  # entropy [C], one more [C, V] buffer
+        return logprobs, peak + log_z, None
+    log_p = shifted.sub_(log_z[:, None])  # [C, V], in place
+    entropy = torch.cat([-block.exp().mul_(block).sum(dim=-1) for block in log_p.split(SCRATCH_ROWS)])  # [C]
+    return logprobs, peak + log_z, entropy
 
 
 def _backward_chunk(
@@ -158,7 +165,8 @@ def chunked_token_logprobs(
         targets: Chosen token ids, `[M]` (or `[...]`).
         bias: Optional LM-head bias, `[V]`.
         temperature: The sampling temperature the policy is scored at.
-        chunk_size: Rows per chunk; the extra memory is two `chunk_size × V` float32 buffers.
+        chunk_size: Rows per chunk; the extra memory is one `chunk_size × V` float32 buffer
+            (plus `SCRATCH_ROWS × V` scratch).
         return_entropy: Also return the entropy of each row's (temperature-scaled) distribution,
             detached, for logging.
 
