@@ -16,10 +16,12 @@ subprocess times our rollout engine against plain ``model.generate`` on the same
 
 Usage::
 
-    python benchmarks/grpo_vs_trl.py                    # default tiny config, 3 rounds
-    python benchmarks/grpo_vs_trl.py --vocab 151936     # Qwen-sized vocabulary: the logits cost
-    python benchmarks/grpo_vs_trl.py --quick            # CI-sized (well under 2 minutes)
+    python benchmarks/grpo_vs_trl.py                    # default tiny config, 3 rounds (~3 min)
+    python benchmarks/grpo_vs_trl.py --vocab 151936     # Qwen-sized vocabulary: the logits cost (~12 min)
+    python benchmarks/grpo_vs_trl.py --quick            # CI-sized (under a minute)
     python benchmarks/grpo_vs_trl.py --device cuda      # GPU machines
+
+Both sides run with ``torch.set_num_threads(--threads)`` (default 1; see benchmarks/README.md).
 
 The last line printed is one JSON object (``{"config", "machine", "ours", "trl", "ratios",
 "generation", "targets"}``). Needs the ``bench`` extra: ``pip install -e '.[bench]'``.
@@ -66,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 2; 1 with --vocab > 32k or --quick)")
     p.add_argument("--rounds", type=int, default=None, help="ours/TRL pairs (default 3; 1 with --vocab > 32k or --quick)")
     p.add_argument("--gen-repeats", type=int, default=None, help="timed generate calls per engine (default 5; 2 with --quick)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: all cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1: see benchmarks/README.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--systems", default="ours,trl", help="which systems to run (comma-separated; for profiling)")
     p.add_argument("--no-generation", action="store_true", help="skip the rollout-engine vs model.generate timing")
@@ -79,7 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 2)
     args.rounds = args.rounds or (1 if small else 3)
     args.gen_repeats = args.gen_repeats or (2 if args.quick else 5)
-    args.threads = args.threads or os.cpu_count() or 1
     if args.warmup >= args.steps:
         p.error(f"--warmup ({args.warmup}) must be < --steps ({args.steps})")
     return args
@@ -114,11 +115,19 @@ class PeakMemory:
         while not self._stop.wait(self._interval):
             self.sampled = max(self.sampled, self._process.memory_info().rss)
 
+    def mark_start(self) -> None:
+        """RSS when the first step starts: imports, model, optimizer and data are in; nothing has run."""
+        self.at_start = self._process.memory_info().rss
+
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
         hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return {"peak_rss_mib": max(hwm, self.sampled) / 2**20, "peak_rss_sampled_mib": self.sampled / 2**20}
+        return {
+            "peak_rss_mib": max(hwm, self.sampled) / 2**20,
+            "peak_rss_sampled_mib": self.sampled / 2**20,
+            "rss_at_first_step_mib": getattr(self, "at_start", 0) / 2**20,
+        }
 
 
 def _emit(result: dict) -> None:
@@ -201,6 +210,7 @@ def run_ours(args) -> None:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self.last is None:
+                memory.mark_start()
                 _sync(args.device)
                 self.last = time.perf_counter()
 
@@ -251,6 +261,7 @@ def run_trl(args) -> None:
 
         def on_step_begin(self, train_args, state, control, **kwargs):
             if self.last is None:
+                memory.mark_start()
                 _sync(args.device)
                 self.last, self.seen = time.perf_counter(), state.num_input_tokens_seen
 
@@ -400,6 +411,7 @@ def _aggregate(runs: list[dict]) -> dict:
     keys = ("s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step")
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    out["rss_at_first_step_mib"] = statistics.median(r["rss_at_first_step_mib"] for r in runs)
     if "peak_cuda_mib" in runs[0]:
         out["peak_cuda_mib"] = max(r["peak_cuda_mib"] for r in runs)
     out["runs"] = runs
@@ -434,6 +446,11 @@ def main(args) -> dict:
     systems = [s for s in args.systems.split(",") if s]
     if set(systems) - set(SYSTEMS):
         raise SystemExit(f"--systems: choose from {SYSTEMS}")
+    import importlib.util
+
+    missing = [name for name in ("psutil", *(["trl"] if "trl" in systems else [])) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"benchmarks/grpo_vs_trl.py needs {', '.join(missing)}: pip install -e '.[bench]'")
     owned = args.workdir is None
     tmp = tempfile.TemporaryDirectory(prefix="grpo_vs_trl_") if owned else None
     args.workdir = os.path.abspath(tmp.name if owned else args.workdir)
@@ -458,7 +475,8 @@ def main(args) -> dict:
         for system in systems:
             result[system] = _aggregate(runs[system])
         if len(systems) == 2:
-            ratios = {k: result["ours"][k] / result["trl"][k] for k in ("s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "peak_rss_mib")}
+            keys = ("s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "peak_rss_mib", "rss_at_first_step_mib")
+            ratios = {k: result["ours"][k] / result["trl"][k] for k in keys}
             if "peak_cuda_mib" in result["ours"]:
                 ratios["peak_cuda_mib"] = result["ours"]["peak_cuda_mib"] / result["trl"]["peak_cuda_mib"]
             # Paired ratios (each ours run against the TRL run next to it): robust to slow drifts in machine load.
