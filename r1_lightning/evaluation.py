@@ -22,11 +22,15 @@ class Scored:
     reasoning_lengths: list[list[int]]
 
 
+def raw_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """The generated text of each row, special tokens dropped."""
+    return tokenizer.batch_decode([ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)], skip_special_tokens=True)
+
+
 def decode_completions(tokenizer, prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor, num_generations: int) -> list[str]:
     """Completion texts, with a ``<think>`` opened by the chat template put back (see ``restore_think_prefill``)."""
     prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=False)
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    texts = raw_completions(tokenizer, completion_ids, completion_mask)
     return [restore_think_prefill(prompt_texts[i // num_generations], text) for i, text in enumerate(texts)]
 
 

@@ -19,12 +19,12 @@ import torch
 from typing_extensions import override
 
 from r1_lightning.errors import ConfigError
-from r1_lightning.evaluation import decode_completions, generate_and_score
+from r1_lightning.evaluation import decode_completions, generate_and_score, raw_completions
 from r1_lightning.export import export_hf_model
 from r1_lightning.metrics import ReasoningMetrics
 from r1_lightning.optim import adamw_warmup_cosine, total_training_steps
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
-from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
+from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet, restore_think_prefill
 from r1_lightning.rl.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_mask, group_advantages
 from r1_lightning.rl.kl import KLEstimator, kl_reward_penalty, resolve_kl_estimator
 from r1_lightning.rl.losses import AGGREGATIONS, loss_normalizer, policy_loss
@@ -240,28 +240,24 @@ class GRPO(L.LightningModule):
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
 
     def _policy_logprobs(self, inputs, target_mask, P) -> tuple[torch.Tensor, torch.Tensor]:
-        logprobs, entropy = token_logprobs(
-            self.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
-            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, return_entropy=True, prompt_length=P,
-        )
-        return logprobs[:, P:], entropy[:, P:]  # [N, T]
+        return self._completion_logprobs(self.model, inputs, target_mask, P, return_entropy=True)
 
     @torch.no_grad()
     def _ref_logprobs(self, inputs, target_mask, P) -> torch.Tensor:
         with self.reference_context():
-            logprobs, _ = token_logprobs(
-                self.reference_model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
-                temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, prompt_length=P,
-            )
-        return logprobs[:, P:]
+            return self._completion_logprobs(self.reference_model, inputs, target_mask, P)[0]
 
     @torch.no_grad()
     def _old_logprobs(self, inputs, target_mask, P) -> torch.Tensor:
-        logprobs, _ = token_logprobs(
-            self.model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
-            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, prompt_length=P,
+        return self._completion_logprobs(self.model, inputs, target_mask, P)[0]
+
+    def _completion_logprobs(self, model, inputs, target_mask, P, return_entropy: bool = False):
+        """Log-probs (and entropy) of the completion tokens, [N, T], scored at the sampling temperature."""
+        logprobs, entropy = token_logprobs(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
+            temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, return_entropy=return_entropy, prompt_length=P,
         )
-        return logprobs[:, P:]
+        return logprobs[:, P:], None if entropy is None else entropy[:, P:]
 
     def _score_temperature(self) -> float:
         return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
@@ -278,16 +274,18 @@ class GRPO(L.LightningModule):
     def _generator(self, offset: int = 0) -> torch.Generator:
         # A seed from (seed, rank, step): every rank samples differently, and a resumed run
         # samples exactly what the uninterrupted run would have.
-        seed = (self.hparams.seed * 1_000_003 + self.global_rank * 7919 + self.rollout_step + offset) % (2**63)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return self._seeded(self.global_rank * 7919 + self.rollout_step + offset)
 
     def _eval_generator(self, batch_idx: int) -> torch.Generator:
         # Independent of training progress: every evaluation of a run samples with the same seeds.
-        seed = (self.hparams.seed * 1_000_003 + self.global_rank * 7919 + 10_000_000 + batch_idx) % (2**63)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return self._seeded(self.global_rank * 7919 + 10_000_000 + batch_idx)
 
     def _prompt_generator(self, index: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed((self.hparams.seed * 1_000_003 + 7 * index + 1) % (2**63))
+        # Independent of rank and batch: a prompt's samples are the same however the data is split.
+        return self._seeded(7 * index + 1)
+
+    def _seeded(self, offset: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed((self.hparams.seed * 1_000_003 + offset) % (2**63))
 
     def _log_step(self, rollout: Rollout, scores, rewards: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         lengths = rollout.completion_lengths.float()
@@ -314,8 +312,8 @@ class GRPO(L.LightningModule):
         for name, count in scores.failures.items():
             logged[f"train/reward_failures/{name}"] = torch.tensor(float(count))
         logged = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in logged.items()}
+        self.log("train/reward", logged.pop("train/reward"), prog_bar=True, sync_dist=True, batch_size=rewards.shape[0])
         self.log_dict(logged, sync_dist=True, batch_size=rewards.shape[0])
-        self.log("train/reward_mean", logged["train/reward"], prog_bar=True, sync_dist=True, logger=False)
         self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
 
     # ------------------------------------------------------------------------------ evaluation
@@ -360,9 +358,10 @@ class GRPO(L.LightningModule):
             for ids, index in zip(batch["prompt_ids"], batch["indices"])
         ]
         texts, raw, lengths, truncated = [], [], [], []
-        for ids, rollout in zip(batch["prompt_ids"], rollouts):
-            texts += decode_completions(self.tokenizer, [ids], rollout.completion_ids, rollout.completion_mask, G)
-            raw += self.tokenizer.batch_decode([c[m.bool()].tolist() for c, m in zip(rollout.completion_ids, rollout.completion_mask)], skip_special_tokens=True)
+        for prompt_text, rollout in zip(batch["prompt_texts"], rollouts):
+            generated = raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
+            raw += generated  # what SFT trains on: the rendered prompt already holds any <think> prefill
+            texts += [restore_think_prefill(prompt_text, text) for text in generated]  # what rewards score
             lengths += rollout.completion_lengths.tolist()
             truncated += rollout.truncated.tolist()
         scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
