@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -63,8 +62,11 @@ def test_short_recipe_runs_end_to_end_and_resumes(tmp_path, capsys) -> None:
     for stage in ("sft", "grpo", "sft_2"):
         assert (out / stage / "hf_model" / "config.json").is_file()
     assert len((out / "rs" / "accepted.jsonl").read_text().splitlines()) == 3
-    # the second stage really started from the first one's model
-    assert json.loads((out / "grpo" / "stage.json").read_text())["stage"] == "grpo"
+    # each stage started from the model (or data) of the stage it names
+    grpo_config = yaml.safe_load((out / "grpo" / "config.yaml").read_text())
+    assert grpo_config["model"]["init_args"]["model_name_or_path"] == str(out / "sft" / "hf_model")
+    sft_2_config = yaml.safe_load((out / "sft_2" / "config.yaml").read_text())
+    assert sft_2_config["data"]["init_args"]["path"] == str(out / "rs" / "accepted.jsonl")
 
     main([str(recipe)])  # everything is done: every stage is skipped, the table is the same
     assert capsys.readouterr().out.count("done before, skipped") == 4
