@@ -84,3 +84,13 @@ def run_cli(
 def cli() -> Callable[..., subprocess.CompletedProcess]:
     """The ``run_cli`` helper, for tests that start the real command in a subprocess."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def accuracy():
+    # One math-verify worker pool for the session: starting processes is the slow part.
+    from r1_lightning.rewards import Accuracy
+
+    reward = Accuracy()
+    yield reward
+    reward.close()

@@ -1,11 +1,9 @@
-import functools
 import math
 import pickle
 import threading
 import time
 
 import pytest
-import torch
 
 from r1_lightning.rewards import (
     Accuracy,
@@ -14,39 +12,20 @@ from r1_lightning.rewards import (
     LenientFormat,
     ReasoningSteps,
     RepetitionPenalty,
-    Reward,
-    RewardError,
-    RewardSet,
     SoftOverlong,
     StrictFormat,
     TagCount,
     extract_answer,
     extract_reasoning,
     restore_think_prefill,
-    reward_name,
-    score_each,
 )
 from r1_lightning.rewards import accuracy as accuracy_module
 from r1_lightning.rewards.length import text_lengths
 from r1_lightning.rewards.process_pool import TimeoutPool
 
-NAN = float("nan")
-STRICT = "<think>\nreason\n</think>\n<answer>\n42\n</answer>"
+from reward_helpers import STRICT, score
+
 R1_DISTILL_PROMPT = "<｜begin▁of▁sentence｜><｜User｜>What is 6 * 7?<｜Assistant｜><think>\n"
-
-
-def score(reward, completion, **row):
-    """One completion through the public reward signature."""
-    (value,) = reward([completion], prompts=["p"], **{key: [value] for key, value in row.items()})
-    return value
-
-
-@pytest.fixture(scope="module")
-def accuracy():
-    # One worker pool for the whole module: starting processes is the slow part.
-    reward = Accuracy()
-    yield reward
-    reward.close()
 
 
 # ---------------------------------------------------------------- parsing
@@ -460,224 +439,3 @@ def test_language_consistency(target, completion, expected):
 def test_language_consistency_unknown_target():
     with pytest.raises(ValueError, match="unknown target 'klingon'.*zh"):
         LanguageConsistency("klingon")
-
-
-# ---------------------------------------------------------------- names
-
-
-def exact_match(completions, *, prompts, **columns):
-    return [float(c == a) for c, a in zip(completions, columns["answer"])]
-
-
-class HTTPStatusReward(Reward):
-    def __call__(self, completions, *, prompts, **columns):
-        return [1.0] * len(completions)
-
-
-class Named(HTTPStatusReward):
-    name = "custom"
-
-
-def test_reward_names():
-    assert reward_name(exact_match) == "exact_match"
-    assert reward_name(functools.partial(exact_match)) == "exact_match"
-    assert reward_name(lambda completions, **_: [0.0] * len(completions)) == "lambda"
-    assert reward_name(HTTPStatusReward()) == "http_status_reward"
-    assert reward_name(CosineScaledAccuracy()) == "cosine_scaled_accuracy"
-    assert reward_name(Named()) == "custom"
-    renamed = TagCount()
-    renamed.name = "tags"
-    assert reward_name(renamed) == "tags"
-
-
-def test_reward_needs_call():
-    with pytest.raises(TypeError):
-        Reward()
-
-
-# ---------------------------------------------------------------- RewardSet
-
-
-def constant(value):
-    def reward(completions, *, prompts, **columns):
-        return [value] * len(completions)
-
-    reward.__name__ = f"constant_{value}"
-    return reward
-
-
-def test_reward_set_weighted_total():
-    # total = 1.0 * exact_match + 0.5 * lenient_format:
-    #   sample 0: 1 + 0.5 * 1 = 1.5; sample 1: 0 + 0.5 * 0 = 0.
-    reward_set = RewardSet([exact_match, LenientFormat()], weights=[1.0, 0.5])
-    out = reward_set(
-        ["<think>r</think><answer>1</answer>", "2"], prompts=["p", "p"], answer=["<think>r</think><answer>1</answer>", "1"]
-    )
-    assert list(out.scores) == ["exact_match", "lenient_format"]
-    assert torch.equal(out.scores["exact_match"], torch.tensor([1.0, 0.0]))
-    assert torch.equal(out.total, torch.tensor([1.5, 0.0]))
-    assert out.failures == {"exact_match": 0, "lenient_format": 0}
-
-
-def test_reward_set_none_is_nan_and_excluded_from_the_total():
-    def sometimes(completions, *, prompts, **columns):
-        return [None, 2.0, None]
-
-    def never(completions, *, prompts, **columns):
-        return [None, 1.0, None]
-
-    # Sample 0: only constant_1.0 applies → 1; sample 1: 1 + 2 * 2 + 1 = 6; sample 2 as 0.
-    out = RewardSet([constant(1.0), sometimes, never], weights=[1.0, 2.0, 1.0])(["a", "b", "c"], prompts=["p"] * 3)
-    assert torch.equal(out.total, torch.tensor([1.0, 6.0, 1.0]))
-    assert torch.isnan(out.scores["sometimes"][[0, 2]]).all()
-    # No reward applies to samples 0 and 2: their total is NaN, not 0.
-    out = RewardSet([sometimes, never])(["a", "b", "c"], prompts=["p"] * 3)
-    assert torch.isnan(out.total[[0, 2]]).all() and out.total[1].item() == 3.0
-
-
-def test_reward_set_default_weights_and_duplicate_names():
-    out = RewardSet([TagCount(), TagCount()])([STRICT], prompts=["p"])
-    assert list(out.scores) == ["tag_count", "tag_count_2"]
-    assert out.total.item() == 2.0
-
-
-def test_reward_set_accepts_tensor_output():
-    out = RewardSet([lambda completions, **_: torch.ones(len(completions))])(["a", "b"], prompts=["p", "p"])
-    assert torch.equal(out.total, torch.ones(2))
-
-
-@pytest.mark.parametrize("bad_input", ["prompts", "answer"])
-def test_reward_set_rejects_misaligned_columns(bad_input):
-    columns = {"prompts": ["p", "p"], "answer": ["1", "2"]}
-    columns[bad_input] = columns[bad_input][:1]
-    with pytest.raises(ValueError, match=f"'{bad_input}' has 1 entries for 2 completions"):
-        RewardSet([constant(1.0)])(["a", "b"], **columns)
-
-
-def test_reward_set_constructor_checks():
-    with pytest.raises(ValueError, match="2 reward weights for 1 rewards"):
-        RewardSet([constant(1.0)], weights=[1.0, 2.0])
-    with pytest.raises(ValueError, match="on_error"):
-        RewardSet([constant(1.0)], on_error="zero")
-    with pytest.raises(TypeError, match="callable"):
-        RewardSet(["not a reward"])
-
-
-def test_reward_set_wrong_count_names_the_reward():
-    def two_short(completions, *, prompts, **columns):
-        return [1.0] * (len(completions) - 2)
-
-    with pytest.raises(RewardError, match="reward 'two_short' returned 1 scores for 3 completions"):
-        RewardSet([two_short])(["a", "b", "c"], prompts=["p"] * 3)
-    out = RewardSet([two_short, constant(1.0)], on_error="none")(["a", "b", "c"], prompts=["p"] * 3)
-    assert torch.isnan(out.scores["two_short"]).all() and out.failures["two_short"] == 3
-    assert torch.equal(out.total, torch.ones(3))
-
-
-@pytest.mark.parametrize(
-    ("bad_value", "message"),
-    [
-        # NaN and infinity would poison the group's advantages.
-        (NAN, "non-finite score nan"),
-        (math.inf, "non-finite score inf"),
-        # A string is not a score.
-        ("1.0", "non-numeric score '1.0'"),
-    ],
-)
-def test_reward_set_invalid_scores(bad_value, message):
-    def flaky(completions, *, prompts, **columns):
-        return [1.0, bad_value, 1.0]
-
-    with pytest.raises(RewardError, match=f"reward 'flaky' on sample 1 of 3 \\('b'\\) returned a {message}"):
-        RewardSet([flaky])(["a", "b", "c"], prompts=["p"] * 3)
-    out = RewardSet([flaky], on_error="none")(["a", "b", "c"], prompts=["p"] * 3)
-    # Only the bad sample is lost.
-    assert out.failures == {"flaky": 1}
-    assert out.scores["flaky"][[0, 2]].tolist() == [1.0, 1.0] and torch.isnan(out.scores["flaky"][1])
-
-
-class Picky(Reward):
-    """Fails on one sample, scoring with `score_each` so the failure names it."""
-
-    def __call__(self, completions, *, prompts, **columns):
-        return score_each(lambda completion: 1.0 / (completion != "boom"), completions)
-
-
-def test_reward_set_raising_reward_policy_raise():
-    # The per-sample reward names the sample and a snippet of its completion.
-    with pytest.raises(RewardError, match="reward 'picky' on sample 1 of 2 \\('boom'\\) raised ZeroDivisionError") as info:
-        RewardSet([Picky()])(["fine", "boom"], prompts=["p", "p"])
-    assert info.value.reward == "picky" and info.value.index == 1 and info.value.completion == "boom"
-    assert isinstance(info.value.__cause__, RewardError)  # chained to the original traceback
-
-    # A plain function that raises out of its batch: named, sample unknown.
-    def broken(completions, *, prompts, **columns):
-        raise KeyError("answer")
-
-    with pytest.raises(RewardError, match="reward 'broken' raised KeyError: 'answer'") as info:
-        RewardSet([broken])(["a"], prompts=["p"])
-    assert info.value.index is None and isinstance(info.value.__cause__, KeyError)
-
-
-def test_reward_set_raising_reward_policy_none(caplog):
-    out = RewardSet([Picky(), constant(0.5)], on_error="none")(["fine", "boom"], prompts=["p", "p"])
-    # The failed call's scores are None (NaN), counted, logged; never a silent 0.0.
-    assert torch.isnan(out.scores["picky"]).all()
-    assert out.failures == {"picky": 2, "constant_0.5": 0}
-    assert torch.equal(out.total, torch.tensor([0.5, 0.5]))
-    assert "reward 'picky' on sample 1 of 2 ('boom') raised ZeroDivisionError" in caplog.text
-
-
-def sleepy(completions, *, prompts, **columns):
-    time.sleep(0.3)
-    return [1.0] * len(completions)
-
-
-def test_reward_set_timeout_policy_raise():
-    reward_set = RewardSet([constant(1.0), sleepy], timeout=0.05)
-    start = time.monotonic()
-    with pytest.raises(RewardError, match="reward 'sleepy' exceeded the 0.05s timeout on a batch of 2 completions"):
-        reward_set(["a", "b"], prompts=["p", "p"])
-    assert time.monotonic() - start < 0.25  # did not wait for the sleeper
-
-
-def test_reward_set_timeout_policy_none_from_a_worker_thread(caplog):
-    # Thread-based timeouts work off the main thread, where signal.alarm cannot.
-    reward_set = RewardSet([constant(1.0), sleepy], on_error="none", timeout=0.05)
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("out", reward_set(["a", "b"], prompts=["p", "p"])))
-    thread.start()
-    thread.join(timeout=5)
-    out = result["out"]
-    assert torch.isnan(out.scores["sleepy"]).all() and out.failures == {"constant_1.0": 0, "sleepy": 2}
-    assert torch.equal(out.total, torch.ones(2))
-    # The abandoned call is still sleeping: the next call skips it instead of piling up threads.
-    threads = threading.active_count()
-    out = reward_set(["a"], prompts=["p"])
-    assert out.failures["sleepy"] == 1 and threading.active_count() == threads
-    assert "reward 'sleepy' is still running an earlier call that exceeded the 0.05s timeout" in caplog.text
-    # Once the late call has finished, the reward is called again (and is fast enough now).
-    time.sleep(0.35)
-    reward_set.timeout = 1.0
-    assert reward_set(["a"], prompts=["p"]).failures["sleepy"] == 0
-
-
-def test_reward_set_with_accuracy_from_a_worker_thread(accuracy):
-    # The set as GRPO uses it: a real math reward and a format reward, with a time limit.
-    reward_set = RewardSet([accuracy, StrictFormat()], weights=[1.0, 0.5], timeout=10.0)
-    result = {}
-    thread = threading.Thread(
-        target=lambda: result.setdefault(
-            "out", reward_set([STRICT, "<think>\nr\n</think>\n<answer>\n41\n</answer>"], prompts=["p", "p"], answer=["42", "42"])
-        )
-    )
-    thread.start()
-    thread.join(timeout=30)
-    assert torch.equal(result["out"].total, torch.tensor([1.5, 0.5]))
-
-
-def test_reward_set_pickles():
-    reward_set = RewardSet([TagCount(), exact_match], timeout=1.0)
-    copy = pickle.loads(pickle.dumps(reward_set))
-    assert copy.names == ["tag_count", "exact_match"]
-    assert copy([STRICT], prompts=["p"], answer=[STRICT]).total.item() == 2.0
