@@ -27,11 +27,15 @@ def raw_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: to
     return tokenizer.batch_decode([ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)], skip_special_tokens=True)
 
 
+def scored_texts(prompt_texts: list[str], completions: list[str], num_generations: int) -> list[str]:
+    """Completions as rewards see them: a ``<think>`` opened by the chat template put back (see ``restore_think_prefill``)."""
+    return [restore_think_prefill(prompt_texts[i // num_generations], text) for i, text in enumerate(completions)]
+
+
 def decode_completions(tokenizer, prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor, num_generations: int) -> list[str]:
-    """Completion texts, with a ``<think>`` opened by the chat template put back (see ``restore_think_prefill``)."""
+    """``scored_texts`` from token ids (the prompts are decoded to find a template's ``<think>``)."""
     prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=False)
-    texts = raw_completions(tokenizer, completion_ids, completion_mask)
-    return [restore_think_prefill(prompt_texts[i // num_generations], text) for i, text in enumerate(texts)]
+    return scored_texts(prompt_texts, raw_completions(tokenizer, completion_ids, completion_mask), num_generations)
 
 
 def generate_and_score(

@@ -19,12 +19,12 @@ import torch
 from typing_extensions import override
 
 from r1_lightning.errors import ConfigError
-from r1_lightning.evaluation import decode_completions, generate_and_score, raw_completions
+from r1_lightning.evaluation import generate_and_score, raw_completions, scored_texts
 from r1_lightning.export import export_hf_model
 from r1_lightning.metrics import ReasoningMetrics
 from r1_lightning.optim import adamw_warmup_cosine, total_training_steps
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
-from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet, restore_think_prefill
+from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
 from r1_lightning.rl.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_mask, group_advantages
 from r1_lightning.rl.kl import KLEstimator, kl_reward_penalty, resolve_kl_estimator
 from r1_lightning.rl.losses import AGGREGATIONS, loss_normalizer, policy_loss
@@ -180,7 +180,7 @@ class GRPO(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         hp, G = self.hparams, self.hparams.num_generations
         rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), self._generator())
-        texts = decode_completions(self.tokenizer, batch["prompt_ids"], rollout.completion_ids, rollout.completion_mask, G)
+        texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
         scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
         rewards = scores.total.to(self.device)  # [B*G]
 
@@ -238,6 +238,10 @@ class GRPO(L.LightningModule):
             scheduler.step()
         num_minibatches = -(-rows // mini)
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
+
+    def _prompt_texts(self, batch: dict[str, Any]) -> list[str]:
+        """Rendered prompts: ``PromptDataModule`` sends them; another data module's ids are decoded."""
+        return batch.get("prompt_texts") or self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=False)
 
     def _policy_logprobs(self, inputs, target_mask, P) -> tuple[torch.Tensor, torch.Tensor]:
         return self._completion_logprobs(self.model, inputs, target_mask, P, return_entropy=True)
@@ -358,10 +362,10 @@ class GRPO(L.LightningModule):
             for ids, index in zip(batch["prompt_ids"], batch["indices"])
         ]
         texts, raw, lengths, truncated = [], [], [], []
-        for prompt_text, rollout in zip(batch["prompt_texts"], rollouts):
+        for prompt_text, rollout in zip(self._prompt_texts(batch), rollouts):
             generated = raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
             raw += generated  # what SFT trains on: the rendered prompt already holds any <think> prefill
-            texts += [restore_think_prefill(prompt_text, text) for text in generated]  # what rewards score
+            texts += scored_texts([prompt_text], generated, G)  # what rewards score
             lengths += rollout.completion_lengths.tolist()
             truncated += rollout.truncated.tolist()
         scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
