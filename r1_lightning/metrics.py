@@ -68,6 +68,13 @@ class ReasoningMetrics(torch.nn.Module):
             values["reasoning_length"] = self.reasoning_length
         return {name: metric.compute() for name, metric in values.items()}
 
+    def log_and_reset(self, module, prefix: str, k: int, prog_bar: tuple[str, ...] = ("accuracy",)) -> None:
+        """Log ``<prefix>/<name>`` for every metric through ``module.log`` (nothing if no prompt was scored), then reset."""
+        if self.format.update_count:
+            for name, value in self.compute(k).items():
+                module.log(f"{prefix}/{name}", value, prog_bar=name in prog_bar)
+        self.reset()
+
     def reset(self) -> None:
         for metric in (self.accuracy, self.majority, self.pass_k, self.format, self.reasoning_length):
             metric.reset()

@@ -98,3 +98,19 @@ def test_values_are_tensors_ready_for_logging():
     metrics = ReasoningMetrics()
     metrics.update([[1.0]], [["1"]], [[1.0]])
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.compute(k=1).values())
+
+
+def test_log_and_reset_logs_every_metric_once_and_nothing_when_empty():
+    logged = {}
+
+    class Module:
+        def log(self, name, value, prog_bar=False):
+            logged[name] = (float(value), prog_bar)
+
+    metrics = ReasoningMetrics()
+    metrics.log_and_reset(Module(), "val", 2)
+    assert logged == {}  # no prompt scored: no NaN metrics
+    metrics.update([[1.0, 0.0]], [["4", "5"]], [[1.0, 1.0]])
+    metrics.log_and_reset(Module(), "val", 2)
+    assert logged == {"val/accuracy": (0.5, True), "val/maj@2": (1.0, False), "val/pass@2": (1.0, False), "val/format": (1.0, False)}
+    assert metrics.format.update_count == 0  # reset

@@ -245,10 +245,7 @@ class Distillation(L.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        if self.val_metrics.format.update_count:
-            for name, value in self.val_metrics.compute(self.hparams.eval_num_samples).items():
-                self.log(f"val/{name}", value, prog_bar=name == "accuracy")
-        self.val_metrics.reset()
+        self.val_metrics.log_and_reset(self, "val", self.hparams.eval_num_samples)
 
     def _sampling_params(self, max_new_tokens: int, temperature: float) -> SamplingParams:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

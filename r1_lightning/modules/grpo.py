@@ -337,9 +337,7 @@ class GRPO(L.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        for name, value in self.val_metrics.compute(self.hparams.eval_num_samples).items():
-            self.log(f"val/{name}", value, prog_bar=name == "accuracy")
-        self.val_metrics.reset()
+        self.val_metrics.log_and_reset(self, "val", self.hparams.eval_num_samples)
 
     @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -347,9 +345,7 @@ class GRPO(L.LightningModule):
 
     @override
     def on_test_epoch_end(self) -> None:
-        for name, value in self.val_metrics.compute(self.hparams.eval_num_samples).items():
-            self.log(f"test/{name}", value)
-        self.val_metrics.reset()
+        self.val_metrics.log_and_reset(self, "test", self.hparams.eval_num_samples, prog_bar=())
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

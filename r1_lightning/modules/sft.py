@@ -108,10 +108,7 @@ class PolicySFT(L.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        k = self.hparams.eval_num_samples
-        for name, value in self.val_metrics.compute(k).items():
-            self.log(f"val/{name}", value, prog_bar=name in ("accuracy", "format"))
-        self.val_metrics.reset()
+        self.val_metrics.log_and_reset(self, "val", self.hparams.eval_num_samples, prog_bar=("accuracy", "format"))
 
     @override
     def configure_optimizers(self) -> dict:
