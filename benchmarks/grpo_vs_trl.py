@@ -134,14 +134,21 @@ def _emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def _step_summary(times: list[float], tokens: list[int], completion_tokens: list[int], warmup: int) -> dict:
-    t, n, c = times[warmup:], tokens[warmup:], completion_tokens[warmup:]
+def _step_summary(
+    times: list[float], tokens: list[int], completion_tokens: list[int], warmup: int, cpu_times: list[float]
+) -> dict:
+    """Wall-clock step times are what a user waits; process CPU seconds per step are the same work with the
+    time other jobs held the CPU left out (one thread: equal to wall-clock on an idle machine)."""
+    t, n, c, cpu = times[warmup:], tokens[warmup:], completion_tokens[warmup:], cpu_times[warmup:]
     return {
         "s_per_step": statistics.median(t),
         "tokens_per_s": sum(n) / sum(t),
         "completion_tokens_per_s": sum(c) / sum(t),
         "tokens_per_step": sum(n) / len(n),
+        "cpu_s_per_step": statistics.median(cpu),
+        "tokens_per_cpu_s": sum(n) / sum(cpu),
         "step_times": [round(x, 4) for x in times],
+        "step_cpu_times": [round(x, 4) for x in cpu_times],
         "step_tokens": tokens,
     }
 
@@ -207,18 +214,20 @@ def run_ours(args) -> None:
     class StepTimer(L.Callback):
         def __init__(self) -> None:
             self.last, self.times, self.tokens, self.completion_tokens = None, [], [], []
+            self.cpu_last, self.cpu_times = None, []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self.last is None:
                 memory.mark_start()
                 _sync(args.device)
-                self.last = time.perf_counter()
+                self.last, self.cpu_last = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             _sync(args.device)
-            now = time.perf_counter()
+            now, cpu_now = time.perf_counter(), time.process_time()
             self.times.append(now - self.last)
-            self.last = now
+            self.cpu_times.append(cpu_now - self.cpu_last)
+            self.last, self.cpu_last = now, cpu_now
             rollout = outputs["rollout"].rollout
             completion = int(rollout.completion_mask.sum())
             self.tokens.append(int(rollout.prompt_mask.sum()) + completion)
@@ -241,7 +250,8 @@ def run_ours(args) -> None:
         callbacks=[timer], default_root_dir=str(work / "ours_run"),
     )
     trainer.fit(module, datamodule=data)
-    result = {"system": "ours", **_step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup), **memory.stop()}
+    summary = _step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup, timer.cpu_times)
+    result = {"system": "ours", **summary, **memory.stop()}
     if args.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     _emit(result)
@@ -258,19 +268,21 @@ def run_trl(args) -> None:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.last, self.seen, self.times, self.tokens = None, 0, [], []
+            self.cpu_last, self.cpu_times = None, []
 
         def on_step_begin(self, train_args, state, control, **kwargs):
             if self.last is None:
                 memory.mark_start()
                 _sync(args.device)
-                self.last, self.seen = time.perf_counter(), state.num_input_tokens_seen
+                self.last, self.seen, self.cpu_last = time.perf_counter(), state.num_input_tokens_seen, time.process_time()
 
         def on_step_end(self, train_args, state, control, **kwargs):
             _sync(args.device)
-            now = time.perf_counter()
+            now, cpu_now = time.perf_counter(), time.process_time()
             self.times.append(now - self.last)
+            self.cpu_times.append(cpu_now - self.cpu_last)
             self.tokens.append(int(state.num_input_tokens_seen - self.seen))  # prompt + completion tokens
-            self.last, self.seen = now, state.num_input_tokens_seen
+            self.last, self.seen, self.cpu_last = now, state.num_input_tokens_seen, cpu_now
 
     work = Path(args.workdir)
     rows = _load_rows(args)
@@ -293,7 +305,8 @@ def run_trl(args) -> None:
     )
     completion_tokens = _CompletionTokens(trainer)
     trainer.train()
-    result = {"system": "trl", **_step_summary(timer.times, timer.tokens, completion_tokens.per_step, args.warmup), **memory.stop()}
+    summary = _step_summary(timer.times, timer.tokens, completion_tokens.per_step, args.warmup, timer.cpu_times)
+    result = {"system": "trl", **summary, **memory.stop()}
     if args.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     _emit(result)
@@ -408,7 +421,7 @@ def _machine(args) -> dict:
 
 
 def _aggregate(runs: list[dict]) -> dict:
-    keys = ("s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step")
+    keys = ("s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "cpu_s_per_step", "tokens_per_cpu_s")
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
     out["rss_at_first_step_mib"] = statistics.median(r["rss_at_first_step_mib"] for r in runs)
@@ -426,6 +439,8 @@ def _table(result: dict) -> str:
         ("completion tokens / s", "completion_tokens_per_s", "{:,.0f}"),
         ("tokens / step", "tokens_per_step", "{:,.0f}"),
         ("peak RSS (MiB)", "peak_rss_mib", "{:,.0f}"),
+        ("CPU s / step (median)", "cpu_s_per_step", "{:.3f}"),
+        ("tokens / CPU-s", "tokens_per_cpu_s", "{:,.0f}"),
     ]
     if "peak_cuda_mib" in ours:
         rows.append(("peak CUDA allocated (MiB)", "peak_cuda_mib", "{:,.0f}"))
@@ -466,7 +481,8 @@ def main(args) -> dict:
                 runs[system].append(run)
                 print(
                     f"round {round_index + 1}/{args.rounds} {system:4s}: {run['s_per_step']:.3f} s/step, "
-                    f"{run['tokens_per_s']:,.0f} tokens/s, peak RSS {run['peak_rss_mib']:,.0f} MiB (wall {run['wall_s']:.0f} s)",
+                    f"{run['tokens_per_s']:,.0f} tokens/s, {run['cpu_s_per_step']:.3f} CPU-s/step, "
+                    f"peak RSS {run['peak_rss_mib']:,.0f} MiB (wall {run['wall_s']:.0f} s)",
                     flush=True,
                 )
         result = {"config": {k: v for k, v in vars(args).items() if k not in ("role", "workdir")}, "machine": _machine(args)}
@@ -475,12 +491,18 @@ def main(args) -> dict:
         for system in systems:
             result[system] = _aggregate(runs[system])
         if len(systems) == 2:
-            keys = ("s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "peak_rss_mib", "rss_at_first_step_mib")
+            keys = (
+                "s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "peak_rss_mib",
+                "rss_at_first_step_mib", "cpu_s_per_step", "tokens_per_cpu_s",
+            )
             ratios = {k: result["ours"][k] / result["trl"][k] for k in keys}
             if "peak_cuda_mib" in result["ours"]:
                 ratios["peak_cuda_mib"] = result["ours"]["peak_cuda_mib"] / result["trl"]["peak_cuda_mib"]
             # Paired ratios (each ours run against the TRL run next to it): robust to slow drifts in machine load.
             ratios["tokens_per_s_paired"] = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(runs["ours"], runs["trl"])]
+            ratios["tokens_per_cpu_s_paired"] = [
+                o["tokens_per_cpu_s"] / t["tokens_per_cpu_s"] for o, t in zip(runs["ours"], runs["trl"])
+            ]
             result["ratios"] = ratios
         result["generation"] = None if args.no_generation else _child(args, "generation")
         if len(systems) == 2:

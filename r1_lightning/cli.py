@@ -10,11 +10,16 @@ including the user's own). Errors in the user's input print one message and exit
 from __future__ import annotations
 
 import os
+import re
 import sys
+from argparse import ArgumentError
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from r1_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file, resolve_checkpoint
 from r1_lightning.errors import UserError
 
 
@@ -29,9 +34,30 @@ class R1CLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # each module configures its own AdamW + schedule
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},  # `main` prints a parse error as one line
             args=args,
             run=run,
         )
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads hyper-parameters from an explicit ckpt_path next: check the file first.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last", "best", "hpc"):
+            load_checkpoint_file(ckpt_path, mmap=True)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # Atomic checkpoint writes and weights_only loads, unless the config names its own CheckpointIO.
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def fit(self, model: L.LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """``trainer.fit`` with ``ckpt_path`` checked, and ``last`` = the newest checkpoint that loads."""
+        self.trainer.fit(model, ckpt_path=resolve_checkpoint(self.trainer, ckpt_path), **kwargs)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -43,12 +69,56 @@ def main(args: list[str] | None = None) -> None:
             recipe_main(argv[1:])
         else:
             R1CLI(args=args)  # None: LightningCLI reads sys.argv itself (passing both makes it warn)
+    except ArgumentError as error:  # the command line or a YAML file was not accepted
+        if os.environ.get("R1_DEBUG"):
+            raise
+        print(f"r1-lightning: error: {parse_error_line(str(error), argv)}", file=sys.stderr)
+        sys.exit(2)
     except Exception as error:
         user_error = _find_user_error(error)
         if user_error is None or os.environ.get("R1_DEBUG"):
             raise
         print(f"r1-lightning: error: {user_error}", file=sys.stderr)
         sys.exit(1)
+
+
+# Lines of a jsonargparse message that only describe its own type machinery.
+_NOISE = re.compile(
+    r"^(Does not validate against any of the (Union )?subtypes|Subtypes:|Errors:|Expected a <class 'NoneType'>"
+    r"|Given value( type)?:"
+    r"|Expected a path but .* either not accessible or invalid)"
+)
+
+
+def parse_error_line(message: str, argv: list[str]) -> str:
+    """jsonargparse's nested, multi-line message as one line: the option's full key and the innermost reason.
+
+    ``Parser key "model": ... class_path 'r1_lightning.PolicySFT': Parser key "learning_rate": Expected a
+    <class 'float'>. Got value: fast`` becomes ``model.learning_rate: expected a float, got value: fast
+    (class_path r1_lightning.PolicySFT)``.
+    """
+    keys, class_path, reasons = [], None, []
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or _NOISE.match(line):
+            continue
+        key = re.match(r'^Parser key "([^"]+)":\s*(.*)$', line)
+        if key:
+            keys.append(key.group(1))
+            line = key.group(2)
+        problem = re.match(r"^Problem with given class_path '([^']+)':\s*(.*)$", line)
+        if problem:
+            class_path, line = problem.group(1), problem.group(2)
+        if line:
+            reasons.append(line)
+    reason = reasons[-1] if keys and reasons else " ".join(reasons) or message.strip()
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
+    reason = re.sub(r"^Type .+? expects a function or a callable class: ", "expects a function or a callable class: ", reason)
+    if reason.startswith("Problems parsing config"):  # a YAML syntax error: name the file(s)
+        configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+        reason += f" (--config {', '.join(configs)})" if configs else ""
+    text = f"{'.'.join(keys)}: {reason}" if keys else reason
+    return text + (f" (class_path {class_path})" if class_path else "")
 
 
 def _find_user_error(error: BaseException | None) -> UserError | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1_lightning.rewards import Accuracy, LenientFormat
+from r1_lightning.rewards import Accuracy, FailedScore, LenientFormat
 from r1_lightning.rewards.parsing import extract_answer, extract_reasoning, restore_think_prefill
 from r1_lightning.rl.rollout import RolloutEngine, SamplingParams
 
@@ -54,7 +54,9 @@ def generate_and_score(
     repeated = [r for r in references for _ in range(num_samples)]
     prompts = [p for p in prompt_ids for _ in range(num_samples)]
     # None (reference not parsable) stays None: the metrics leave such prompts out rather than count a 0.
-    correct = [None if c is None else float(c) for c in Accuracy()(texts, prompts=prompts, answer=repeated)]
+    # An answer math-verify could not check in time (a FailedScore) is not credited.
+    scores = Accuracy()(texts, prompts=prompts, answer=repeated)
+    correct = [None if c is None else 0.0 if isinstance(c, FailedScore) else float(c) for c in scores]
     formatted = [float(f) for f in LenientFormat()(texts, prompts=prompts)]
     answers = [_normalise(extract_answer(t)) for t in texts]
     reasoning = [extract_reasoning(t) or "" for t in texts]

@@ -22,13 +22,11 @@ def export_hf_model(trainer: L.Trainer, model: torch.nn.Module, tokenizer, subdi
     Every rank must call this (the gather is a collective). A LoRA model is exported merged, and
     keeps its adapter. Returns the directory.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     target = log_dir(trainer) / subdir
     if hasattr(model, "merge_adapter"):
         state_dict = merged_lora_state_dict(model)
     else:
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state_dict = full_state_dict(trainer, model)
     if trainer.is_global_zero:
         hf = unwrap_model(model)
         os.makedirs(target, exist_ok=True)
@@ -37,6 +35,45 @@ def export_hf_model(trainer: L.Trainer, model: torch.nn.Module, tokenizer, subdi
         tokenizer.save_pretrained(target)
     trainer.strategy.barrier("export_hf_model")
     return target
+
+
+def full_state_dict(trainer: L.Trainer, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s full (unsharded) weights on rank 0, on CPU; other ranks may get an empty dict.
+
+    FSDP2 (DTensor parameters) and plain/DDP models are gathered from ``model`` itself. Under FSDP1
+    (``FSDPStrategy``) the flat parameters belong to units wrapped around the whole LightningModule,
+    so the gather starts at the strategy's wrapped root and keeps ``model``'s keys.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    root = getattr(trainer.strategy, "model", None)
+    if root is None or not _is_fsdp1(root) or root is model:
+        state_dict = get_model_state_dict(model, options=options)
+    else:
+        prefix = next(name for name, module in trainer.lightning_module.named_modules() if module is model) + "."
+        state_dict = get_model_state_dict(root, options=options)
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return _without_tied_copies(model, state_dict)
+
+
+def _without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name of each tied parameter (e.g. the embedding, not the LM head tied to it).
+
+    A gathered full state dict holds separate copies of tied weights, which ``save_pretrained``
+    would then write twice; the unsharded model's own export writes the first name only.
+    """
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    tied = {name for group in names.values() for name in group[1:]}
+    return {k: v for k, v in state_dict.items() if k not in tied}
+
+
+def _is_fsdp1(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
 
 
 def merged_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

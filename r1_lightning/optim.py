@@ -7,6 +7,20 @@ from collections.abc import Iterable
 
 import torch
 
+from r1_lightning.errors import ConfigError
+
+
+def check_optimizer_options(learning_rate: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float) -> None:
+    """Raise a ``ConfigError`` naming the first bad option (checked in ``__init__``, before any run starts)."""
+    if not learning_rate >= 0:  # also catches NaN
+        raise ConfigError(f"learning_rate={learning_rate}: must be >= 0")
+    if not weight_decay >= 0:
+        raise ConfigError(f"weight_decay={weight_decay}: must be >= 0")
+    if warmup_steps < 0:
+        raise ConfigError(f"warmup_steps={warmup_steps}: must be >= 0")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ConfigError(f"min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
+
 
 def adamw_warmup_cosine(
     parameters: Iterable[torch.nn.Parameter],

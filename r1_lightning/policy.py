@@ -16,6 +16,7 @@ The tokenizer itself is never changed: no tokens are added.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,17 +114,20 @@ def build_builtin_model(name_or_path: str, vocab_size: int, seed: int = 0, **ove
         return Qwen2ForCausalLM(config)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, option: str = "model_name_or_path"
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer and apply the documented fallbacks (pad = EOS, ChatML-free plain prompts)."""
     if is_builtin(name_or_path):
         _builtin_name(name_or_path)
         tokenizer = build_builtin_tokenizer()
     else:
-        _check_local_dir(name_or_path)
+        _check_local_dir(name_or_path, option)  # `option`: the module argument that held the path, for messages
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        _check_vocabulary(name_or_path, len(tokenizer), option)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ConfigError(f"model_name_or_path={name_or_path!r}: the tokenizer has neither a pad nor an EOS token")
+            raise ConfigError(f"{option}={name_or_path!r}: the tokenizer has neither a pad nor an EOS token")
         # Padding is always masked by attention/completion masks, never by token id, so EOS is a safe pad.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -173,7 +177,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def _check_local_dir(name_or_path: str) -> None:
+def _check_local_dir(name_or_path: str, option: str = "model_name_or_path") -> None:
     """A path that looks local but is not a model directory gets a clear error instead of a hub lookup."""
     path = Path(name_or_path).expanduser()
     # Hub ids are "name" or "org/name"; anything else (or anything that exists) is a local path.
@@ -181,9 +185,24 @@ def _check_local_dir(name_or_path: str) -> None:
     if not looks_local:
         return
     if not path.is_dir():
-        raise ConfigError(f"model_name_or_path={name_or_path!r}: no such directory")
+        raise ConfigError(f"{option}={name_or_path!r}: no such directory")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model_name_or_path={name_or_path!r}: not a Hugging Face model directory (no config.json)")
+        raise ConfigError(f"{option}={name_or_path!r}: not a Hugging Face model directory (no config.json)")
+
+
+def _check_vocabulary(name_or_path: str, num_tokens: int, option: str) -> None:
+    """A tokenizer with more tokens than the model's embedding has rows fails at the first forward
+    with an opaque IndexError; say so up front, from ``config.json`` (before any run starts)."""
+    config_file = Path(name_or_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return  # a hub id: checked when the model loads
+    config = json.loads(config_file.read_text())
+    rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if isinstance(rows, int) and rows < num_tokens:
+        raise ConfigError(
+            f"{option}={name_or_path!r}: the tokenizer has {num_tokens} tokens but the model's vocab_size "
+            f"(config.json) is {rows}: tokenizer and model do not belong together"
+        )
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]], system_prompt: str | None = None) -> str:
@@ -241,6 +260,18 @@ def token_logprobs(
         ``(logprobs, entropy)``: [B, T] float32, zero where ``target_mask`` is False; ``entropy``
         (detached, for logging) only when asked.
     """
+    from r1_lightning.parallel import run_gathered
+
+    # Body and head are called separately: under FSDP2 the root unit (embeddings, norm, head) is gathered around both.
+    return run_gathered(
+        model, _token_logprobs, model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size,
+        return_entropy, prompt_length,
+    )
+
+
+def _token_logprobs(
+    model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     from r1_lightning.rl.logprobs import chunked_token_logprobs, shared_prefix_hidden
 
     backbone, head = backbone_and_head(model)

@@ -5,6 +5,7 @@
 A recipe is a plain YAML file::
 
     output_dir: runs/r1_tiny
+    threads: 1                       # torch intra-op threads for every stage (default: torch's own)
     evaluation:                      # how every stage's model is scored for the final table
       config: configs/eval.yaml      # a GRPO + PromptDataModule config; only `validate` is run
       args: ["--model.init_args.eval_num_samples", "4"]
@@ -21,7 +22,7 @@ A recipe is a plain YAML file::
 
 A stage that already has ``hf_model/`` and ``stage.json`` is skipped (re-running resumes the
 chain); ``--fresh`` deletes the output directory first. At the end the recipe prints a table
-(stage, held-out accuracy, maj@k, format rate, mean reasoning length, wall time) and writes it
+(stage, model parameters, held-out accuracy, maj@k, format rate, mean reasoning length, wall time) and writes it
 as ``results.csv`` and ``results.png`` in the output directory.
 """
 
@@ -40,7 +41,7 @@ import yaml
 
 from r1_lightning.errors import ConfigError
 
-COLUMNS = ["stage", "accuracy", "maj@k", "format", "reasoning_length", "accepted_rows", "wall_time_s"]
+COLUMNS = ["stage", "params", "accuracy", "maj@k", "format", "reasoning_length", "accepted_rows", "wall_time_s"]
 
 
 def main(argv: list[str]) -> None:
@@ -68,6 +69,9 @@ def load_recipe(path: str) -> dict[str, Any]:
         raise ConfigError(f"recipe {path}: not valid YAML: {error}") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
         raise ConfigError(f"recipe {path}: needs a non-empty 'stages' list")
+    threads = recipe.get("threads")
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+        raise ConfigError(f"recipe {path}: threads={threads!r} must be a positive integer")
     names = set()
     for index, stage in enumerate(recipe["stages"]):
         if not isinstance(stage, dict) or "name" not in stage or "config" not in stage:
@@ -84,6 +88,11 @@ def load_recipe(path: str) -> dict[str, Any]:
 
 def run_recipe(recipe: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
     output_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.get("threads"):
+        # Float reductions split differently over threads: a fixed count makes the table the same on any machine.
+        import torch
+
+        torch.set_num_threads(int(recipe["threads"]))
     rows = []
     for stage in recipe["stages"]:
         stage_dir = output_dir / stage["name"]
@@ -147,6 +156,7 @@ def evaluate(evaluation: dict[str, Any] | None, model_dir: Path) -> dict[str, An
     metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     k = cli.model.hparams.eval_num_samples
     return {
+        "params": sum(p.numel() for p in cli.model.model.parameters()),
         "accuracy": round(float(metrics["val/accuracy"]), 4),
         "maj@k": round(float(metrics[f"val/maj@{k}"]), 4),
         "format": round(float(metrics["val/format"]), 4),
@@ -186,14 +196,15 @@ def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'stage':<20}{'accuracy':>10}{'maj@k':>8}{'format':>8}{'reason len':>12}{'wall s':>9}"
+    header = f"{'stage':<24}{'params':>9}{'accuracy':>10}{'maj@k':>8}{'format':>8}{'reason len':>12}{'wall s':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         if "accuracy" in r:
             scores = f"{r['accuracy']:>10.3f}{r['maj@k']:>8.3f}{r['format']:>8.3f}{r['reasoning_length']:>12.1f}"
         else:
             scores = f"{'accepted ' + str(r.get('accepted_rows', '-')) + ' rows':>38}"
-        lines.append(f"{r['stage']:<20}{scores}{r['wall_time_s']:>9.1f}")
+        params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-"
+        lines.append(f"{r['stage']:<24}{params:>9}{scores}{r['wall_time_s']:>9.1f}")
     return "\n".join(lines)
 
 

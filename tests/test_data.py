@@ -223,7 +223,7 @@ def test_overlong_error_names_the_row_and_max_length(mixed_lengths, builtin_toke
     path, rows, max_length = mixed_lengths
     total = sum(map(len, _lengths(builtin_tokenizer, rows[1])))
     dm = ColdStartDataModule(path=path, max_length=max_length, tokenizer=builtin_tokenizer)
-    with pytest.raises(DataError, match=re.escape(f"{path}: row 1 has {total} tokens > max_length={max_length}")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: the sample has {total} tokens > max_length={max_length}")):
         dm.setup("fit")
 
 
@@ -239,8 +239,8 @@ def test_overlong_drop_counts_per_source(mixed_lengths, tmp_path, builtin_tokeni
     assert dm.num_dropped == 3
     messages = [str(w.message) for w in caught if "dropped" in str(w.message)]
     assert messages == [
-        f"{path}: dropped 2 samples longer than max_length={max_length}",
-        f"{val_path}: dropped 1 samples longer than max_length={max_length}",
+        f"path={path!r}: dropped 2 samples longer than max_length={max_length}",
+        f"val_path={val_path!r}: dropped 1 samples longer than max_length={max_length}",
     ]
     short_ids = sum(_lengths(builtin_tokenizer, rows[0]), [])
     assert all(e["prompt_ids"] + e["completion_ids"] == short_ids for e in dm.train_examples)
@@ -271,7 +271,7 @@ def test_overlong_truncate_with_a_prompt_at_max_length_is_an_error(tmp_path, bui
     prompt, _ = _lengths(builtin_tokenizer, row)
     path = _jsonl(tmp_path, [row])
     dm = ColdStartDataModule(path=path, max_length=len(prompt), overlong="truncate", tokenizer=builtin_tokenizer)
-    with pytest.raises(DataError, match=f"row 0 has .* > max_length={len(prompt)}"):
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: the sample has ") + f".* > max_length={len(prompt)}"):
         dm.setup("fit")
 
 
@@ -400,5 +400,5 @@ def test_a_row_missing_the_prompt_names_the_row(tmp_path, builtin_tokenizer):
     path = tmp_path / "gap.jsonl"
     path.write_text('{"prompt": "p", "completion": "c"}\n{"completion": "c"}\n')
     module = ColdStartDataModule(path=str(path), tokenizer=builtin_tokenizer)
-    with pytest.raises(DataError, match="row 1"):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: 'prompt' must be")):  # the file line, 1-based
         module.setup("fit")

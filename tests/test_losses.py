@@ -199,3 +199,18 @@ def test_helpers_and_errors():
         policy_loss(values, values, ADVANTAGES[:, None], MASK)
     with pytest.raises(ValueError, match="'group'"):
         importance_log_ratio(values, values, MASK, level="group")
+
+
+def test_extreme_ratio_is_bounded_at_e_to_the_20_by_hand():
+    # μ > 1 with π_θ and π_old 1e4 nats apart on one token (one completion, one token, grpo).
+    # A = -1: log ρ = +1e4 is clamped to 20, the unclipped branch wins: loss = -min(ρA, clip(ρ)A) = e^20
+    # (not inf). A = +1: log ρ = +1e4 → ρ = e^20 > 1 + ε, the clipped branch (1.2) wins: loss = -1.2,
+    # and its gradient is exactly 0, not 0 · inf = NaN from the unselected branch.
+    # A = +1 with log ρ = -1e4: ρ = e^-20, the unclipped branch ρA wins: loss = -e^-20, gradient -e^-20 · 0 (clamped) = 0.
+    mask = torch.tensor([[1]])
+    for gap, advantage, expected in [(1e4, -1.0, math.exp(20)), (1e4, 1.0, -1.2), (-1e4, 1.0, -math.exp(-20))]:
+        logprobs = _leaf([[0.0]])
+        loss, metrics = policy_loss(logprobs, torch.tensor([[-gap]]), torch.tensor([advantage]), mask)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        torch.testing.assert_close(loss, torch.tensor(expected))
+        assert torch.equal(grad, torch.zeros(1, 1)) and all(torch.isfinite(v) for v in metrics.values())

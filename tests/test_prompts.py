@@ -120,7 +120,7 @@ def test_overlong_prompt_error_names_the_row_and_the_limit(tmp_path):
     with pytest.raises(UserError) as error:
         data(path).setup("fit")
     message = str(error.value)
-    assert "long.jsonl" in message and "row 2" in message and "max_prompt_length=64" in message
+    assert "long.jsonl:3:" in message and "max_prompt_length=64" in message  # the third row is on line 3
     assert "overlong" in message  # says how to get past it
 
 

@@ -11,6 +11,7 @@ import torch
 
 from r1_lightning.rewards import (
     CosineScaledAccuracy,
+    FailedScore,
     LenientFormat,
     Reward,
     RewardError,
@@ -243,3 +244,91 @@ def test_reward_set_pickles():
     copy = pickle.loads(pickle.dumps(reward_set))
     assert copy.names == ["tag_count", "exact_match"]
     assert copy([STRICT], prompts=["p"], answer=[STRICT]).total.item() == 2.0
+
+
+# ---------------------------------------------------------------- every failure kind, both policies
+
+
+def _raises(completions, *, prompts, **columns):
+    raise RuntimeError("boom")
+
+
+def _wrong_count(completions, *, prompts, **columns):
+    return [1.0] * (len(completions) - 1)
+
+
+def _nan_one(completions, *, prompts, **columns):
+    return [1.0, NAN, 1.0]
+
+
+def _inf_one(completions, *, prompts, **columns):
+    return [1.0, -math.inf, 1.0]
+
+
+def _failed_one(completions, *, prompts, **columns):
+    return [1.0, FailedScore("took longer than timeout=1s to verify"), 1.0]
+
+
+def _hangs(completions, *, prompts, **columns):
+    time.sleep(5.0)
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("on_error", ["raise", "none"])
+@pytest.mark.parametrize(
+    ("reward", "message", "failed"),
+    [
+        # Raises out of its whole call: every sample of the call is lost.
+        (_raises, "reward '_raises' raised RuntimeError: boom", 3),
+        # One score too few: which score belongs to which sample is unknown, so all are lost.
+        (_wrong_count, "reward '_wrong_count' returned 2 scores for 3 completions", 3),
+        # NaN for one sample: only that sample is lost.
+        (_nan_one, "reward '_nan_one' on sample 1 of 3 ('b') returned a non-finite score nan", 1),
+        # -inf for one sample, likewise.
+        (_inf_one, "reward '_inf_one' on sample 1 of 3 ('b') returned a non-finite score -inf", 1),
+        # A FailedScore (Accuracy's verifier timed out or crashed on that sample).
+        (_failed_one, "reward '_failed_one' on sample 1 of 3 ('b') took longer than timeout=1s to verify", 1),
+        # Hangs past the set's timeout: abandoned, its call is lost.
+        (_hangs, "reward '_hangs' exceeded the 0.2s timeout on a batch of 3 completions", 3),
+    ],
+)
+def test_every_failure_follows_the_policy_from_a_worker_thread(reward, message, failed, on_error, caplog):
+    reward_set = RewardSet([reward, constant(0.5)], on_error=on_error, timeout=0.2)
+    result = {}
+
+    def run():
+        try:
+            result["out"] = reward_set(["a", "b", "c"], prompts=["p"] * 3)
+        except RewardError as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=run)
+    start = time.monotonic()
+    thread.start()
+    thread.join(timeout=60)
+    assert time.monotonic() - start < 4.0 or reward is not _hangs  # the 5 s hang is not waited for
+    if on_error == "raise":
+        assert str(result["error"]).startswith(message) and result["error"].reward == reward.__name__
+        return
+    out = result["out"]
+    assert out.failures == {reward.__name__: failed, "constant_0.5": 0}
+    lost = torch.isnan(out.scores[reward.__name__])
+    assert int(lost.sum()) == failed  # failures are None (NaN), never 0.0
+    assert torch.equal(out.scores[reward.__name__][~lost], torch.ones(3 - failed))
+    assert torch.allclose(out.total, torch.where(lost, 0.5, 1.5))  # the other reward still counts
+    assert message in caplog.text
+
+
+def test_grpo_logs_reward_failures_per_reward(tmp_path):
+    # Through a real GRPO step: the failure count is logged under the reward's name and the
+    # failed samples are left out of its mean instead of counting as 0.
+    from grpo_helpers import fit, logged_metrics, prompt_data, tiny_grpo
+
+    def every_other_nan(completions, *, prompts, **columns):
+        return [1.0 if i % 2 else NAN for i in range(len(completions))]
+
+    module = tiny_grpo(rewards=[every_other_nan, constant(0.25)], reward_on_error="none")
+    logged = logged_metrics(fit(module, prompt_data(), tmp_path))
+    assert logged["train/reward_failures/every_other_nan"] == [4.0]  # 2 prompts x G=4, half fail
+    assert logged["train/reward_failures/constant_0.25"] == [0.0]
+    assert logged["train/rewards/every_other_nan"] == [1.0]

@@ -1,13 +1,20 @@
+import functools
 import math
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from r1_lightning.rewards import (
     Accuracy,
     CosineScaledAccuracy,
+    FailedScore,
     LanguageConsistency,
     LenientFormat,
     ReasoningSteps,
@@ -260,21 +267,114 @@ def test_accuracy_from_a_worker_thread(accuracy):
 def _slow_verify(prediction, reference):
     if prediction == "slow":
         time.sleep(5)
+    if prediction == "crash":
+        os._exit(3)
+    if prediction == "raise":
+        raise ValueError("unparsable")
     return 1.0
 
 
-def test_accuracy_kills_a_hung_sample_and_scores_it_zero(monkeypatch):
-    # A verification that hangs (sympy on a pathological expression) is killed at the
-    # time limit; the samples around it are still scored by a fresh worker.
+def test_accuracy_reports_hung_crashed_and_raising_samples_as_failed_not_zero(monkeypatch):
+    # A verification that hangs (sympy on a pathological expression) is killed at the time
+    # limit; one that crashes its worker or raises fails too. Each such sample gets a
+    # FailedScore (the RewardSet applies on_error to it and counts it), never a 0.0 that
+    # would pass for a wrong answer; the samples around it are still scored by fresh workers.
     monkeypatch.setattr(accuracy_module, "_verify_sample", _slow_verify)
-    reward = Accuracy(timeout=0.3)
+    reward = Accuracy(timeout=0.5)
     try:
         start = time.monotonic()
-        scores = reward(["ok", "slow", "ok"], prompts=["p"] * 3, answer=["1"] * 3)
-        assert time.monotonic() - start < 2.0
-        assert scores == [1.0, 0.0, 1.0]
+        scores = reward(["ok", "slow", "ok", "crash", "raise", "ok"], prompts=["p"] * 6, answer=["1"] * 6)
+        assert time.monotonic() - start < 30  # not the 5 s sleep: generous for a loaded machine
+        assert scores[0] == scores[2] == scores[5] == 1.0
+        assert scores[1] == FailedScore("took longer than timeout=0.5s to verify (its worker process was killed)")
+        assert scores[3] == FailedScore("crashed its math-verify worker process")
+        assert scores[4] == FailedScore("raised ValueError: unparsable in math-verify")
     finally:
         reward.close()
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_until_gone(pids: list[int], timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if _alive(pid)]
+
+
+PATHOLOGICAL = "<answer>9^{9^{9^{9^{9}}}}</answer>"  # sympy tries to evaluate the power tower: it never ends
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_math_verify_on_a_power_tower_fails_within_its_timeout_from_a_thread_and_leaves_no_process():
+    reward = Accuracy(timeout=1.0)
+    try:
+        assert reward(["\\boxed{2}"], prompts=["p"], answer=["2"]) == [1.0]  # starts the worker
+        (old,) = [w.process.pid for w in reward._pool._workers]
+        result = {}
+        batch = dict(prompts=["p"] * 2, answer=["2"] * 2)
+        thread = threading.Thread(target=lambda: result.setdefault("scores", reward([PATHOLOGICAL, "\\boxed{2}"], **batch)))
+        start = time.monotonic()
+        thread.start()
+        thread.join(timeout=120)
+        assert time.monotonic() - start < 60  # about the 1 s timeout plus a worker restart, not forever
+        first, second = result["scores"]
+        assert isinstance(first, FailedScore) and "took longer than timeout=1s" in first.reason and second == 1.0
+        assert not _alive(old)  # the stuck worker was killed and reaped, not left running
+        assert all(_alive(w.process.pid) for w in reward._pool._workers)  # and replaced
+    finally:
+        reward.close()
+
+
+_ORPHAN_SCRIPT = """
+import sys, threading, time
+from r1_lightning.rewards import Accuracy
+from r1_lightning.rewards.accuracy import _verify_sample
+reward = Accuracy(timeout=600.0, num_workers=2)
+# Started from a thread that then exits: the workers must outlive it (they are tied to the spawner thread).
+starter = threading.Thread(target=lambda: reward(["\\\\boxed{1}"], prompts=["p"], answer=["1"]))
+starter.start(); starter.join()
+print(" ".join(str(w.process.pid) for w in reward._pool._workers), flush=True)
+if sys.argv[1] == "busy":  # one worker stuck in sympy, in a C call that cannot check on its parent
+    threading.Thread(target=lambda: reward(["PATHOLOGICAL"], prompts=["p"], answer=["1"]), daemon=True).start()
+    time.sleep(3)
+    print("ready", flush=True)
+    time.sleep(600)
+""".replace("PATHOLOGICAL", PATHOLOGICAL.replace("\\", "\\\\"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(
+    "ending",
+    [
+        # The interpreter exits normally: multiprocessing ends its daemon workers.
+        "exit",
+        # The parent is SIGKILLed while a worker is stuck verifying: the kernel kills the worker.
+        "busy",
+    ],
+)
+def test_accuracy_workers_never_outlive_their_parent(tmp_path, ending):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", _ORPHAN_SCRIPT, ending]
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(map(_alive, pids))
+        if ending == "busy":
+            assert parent.stdout.readline().strip() == "ready"
+            assert all(map(_alive, pids))  # both survived the thread that started them
+            parent.send_signal(signal.SIGKILL)
+        assert parent.wait(timeout=120) in (0, -signal.SIGKILL)
+        assert _wait_until_gone(pids) == []
+    finally:
+        parent.kill()
 
 
 def test_accuracy_pickles_without_its_pool(accuracy):
@@ -294,6 +394,35 @@ def test_timeout_pool_kills_only_the_late_call():
         assert [o.status for o in pool.map([(0.0,), (0.0,)], timeout=5.0)] == ["ok", "ok"]
     finally:
         pool.close()
+
+
+def _crash_first_start(marker: str) -> None:
+    # A worker's initializer that segfaults the first time only (the marker file remembers it).
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_timeout_pool_starts_a_worker_again_when_it_crashes_while_starting(tmp_path):
+    pool = TimeoutPool(math.sqrt, num_workers=1, initializer=functools.partial(_crash_first_start, str(tmp_path / "crashed")))
+    try:
+        with pytest.warns(RuntimeWarning, match=r"exited with code -11 while starting .*; starting it again"):
+            assert pool.map([(9.0,)], timeout=5.0) == [("ok", 3.0)]
+    finally:
+        pool.close()
+
+
+def test_timeout_pool_gives_up_on_a_worker_that_always_crashes_while_starting():
+    pool = TimeoutPool(math.sqrt, num_workers=1, initializer=_always_crash)
+    try:
+        with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="exited with code -11 while starting"):
+            pool.map([(9.0,)], timeout=5.0)
+    finally:
+        pool.close()
+
+
+def _always_crash() -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
 
 
 def test_timeout_pool_reports_errors():

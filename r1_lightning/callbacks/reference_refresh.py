@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -17,7 +18,9 @@ class ReferenceModelRefresh(Callback):
 
     A hard copy (``alpha = 1``) or a mix-up ``ref ← α·policy + (1-α)·ref``, parameter by parameter:
     under FSDP2 both models are sharded alike, so each rank updates only its own shards and
-    no full weight is ever gathered. With LoRA (where the reference is the policy with its
+    no full weight is ever gathered. Under FSDP1 (``FSDPStrategy``) the root unit holds both
+    models' embeddings and heads in one flat parameter, sharded at different offsets, so the
+    refresh gathers the full weights (``summon_full_params``) and writes the shards back. With LoRA (where the reference is the policy with its
     adapter disabled) a refresh merges the adapter into the base weights and restarts it from
     zero, which makes the reference equal the current policy; only ``alpha = 1`` is possible then.
     The number of refreshes and the last refresh step are saved in checkpoints, and the
@@ -63,7 +66,8 @@ class ReferenceModelRefresh(Callback):
             reference = getattr(pl_module, "ref_model", None)
             if reference is None:
                 raise ConfigError("ReferenceModelRefresh needs a reference model (GRPO with beta > 0)")
-            mix_into(reference, pl_module.model, self.alpha)
+            with _full_params_under_fsdp1(pl_module):
+                mix_into(reference, pl_module.model, self.alpha)
         self.refreshes += 1
         self.last_refresh_step = step
 
@@ -80,15 +84,40 @@ class ReferenceModelRefresh(Callback):
 @torch.no_grad()
 def mix_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
     """``ref ← α·policy + (1-α)·ref`` parameter by parameter (and shard by shard for DTensors)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for module in (*reference.modules(), *policy.modules()):
+        if isinstance(module, FSDPModule):
+            module.reshard()  # a root unit may still hold its gathered weights from a forward: use the shards
     ref_params, policy_params = dict(reference.named_parameters()), dict(policy.named_parameters())
     if ref_params.keys() != policy_params.keys():
         raise ConfigError("ReferenceModelRefresh: the reference and the policy have different parameters")
     for name, ref in ref_params.items():
-        source = policy_params[name].detach().to(ref.dtype)
+        source = policy_params[name].detach()
+        if isinstance(ref, DTensor) or isinstance(source, DTensor):
+            if not (isinstance(ref, DTensor) and isinstance(source, DTensor)) or (ref.device_mesh, ref.placements) != (
+                source.device_mesh, source.placements
+            ):
+                raise ConfigError(f"ReferenceModelRefresh: {name} is sharded differently in the reference and the policy")
+            ref, source = ref.to_local(), source.to_local()  # this rank's shard of each: same slice of the weight
+        if ref.shape != source.shape:
+            raise ConfigError(f"ReferenceModelRefresh: {name} has shape {tuple(ref.shape)} in the reference, {tuple(source.shape)} in the policy")
+        source = source.to(ref.dtype)
         if alpha == 1.0:
             ref.copy_(source)
         else:
             ref.lerp_(source, alpha)
+
+
+def _full_params_under_fsdp1(pl_module: L.LightningModule):
+    """FSDP1's ``summon_full_params`` (with write-back) on the wrapped root; a no-op under other strategies."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    root = getattr(getattr(pl_module, "_trainer", None) and pl_module.trainer.strategy, "model", None)
+    if not isinstance(root, FullyShardedDataParallel):
+        return nullcontext()
+    return FullyShardedDataParallel.summon_full_params(root, writeback=True)
 
 
 @torch.no_grad()

@@ -10,7 +10,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from r1_lightning.errors import ConfigError
-from r1_lightning.data.sources import DataError, load_rows, require_columns
+from r1_lightning.data.resumable import (
+    ResumableSampler,
+    check_position,
+    count_training_batch,
+    forget_stale_train_loader,
+    position_state,
+    resumable_train_loader,
+    run_seed,
+)
+from r1_lightning.data.sources import DataError, RowSource, load_rows, require_columns
 from r1_lightning.data.tasks import ArithmeticTask
 from r1_lightning.policy import encode_prompt, render_prompt
 from r1_lightning.rewards.parsing import extract_answer
@@ -46,6 +55,8 @@ class ColdStartDataModule(L.LightningDataModule):
         split: Split of a saved ``DatasetDict`` or hub dataset for training.
         val_split: Split for validation.
         num_workers: DataLoader workers.
+        shuffle_seed: Seed of the per-epoch shuffle (the order depends only on it and the epoch); ``None``
+            takes the run's ``seed_everything`` (or 0).
     """
 
     def __init__(
@@ -67,6 +78,7 @@ class ColdStartDataModule(L.LightningDataModule):
         val_split: str = "validation",
         num_workers: int = 0,
         tokenizer: Any = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if overlong not in ("error", "drop", "truncate"):
@@ -79,6 +91,8 @@ class ColdStartDataModule(L.LightningDataModule):
         self.train_examples: list[dict[str, Any]] = []
         self.val_examples: list[dict[str, Any]] = []
         self.num_dropped = 0
+        self._train_sampler: ResumableSampler | None = None
+        self._resume_position: dict[str, int] | None = None  # from a checkpoint, for the next train_dataloader()
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -86,7 +100,7 @@ class ColdStartDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage in (None, "fit") and not self.train_examples:
             rows = self.task.rows("sft", hp.num_samples) if hp.path is None else self._read(hp.path, hp.split, "path")
-            self.train_examples = self._tokenize(rows, hp.path or "built-in task")
+            self.train_examples = self._tokenize(rows, RowSource.of(f"path={hp.path!r}" if hp.path else "built-in task", rows))
             if not self.train_examples:
                 raise DataError(f"path={hp.path!r}: every sample was dropped as longer than max_length={hp.max_length}")
         if stage in (None, "fit", "validate") and not self.val_examples:
@@ -96,25 +110,29 @@ class ColdStartDataModule(L.LightningDataModule):
                 rows = self.task.rows("eval", hp.num_val_samples)
             else:
                 rows = []
-            self.val_examples = self._tokenize(rows, hp.val_path or "built-in held-out set")
+            name = f"val_path={hp.val_path!r}" if hp.val_path else "built-in held-out set"
+            self.val_examples = self._tokenize(rows, RowSource.of(name, rows))
 
     def _read(self, path: str, split: str, option: str) -> list[dict[str, Any]]:
         dataset = load_rows(path, split, option)
         require_columns(dataset, [self.hparams.prompt_column, self.hparams.completion_column], f"{option}={path!r}")
-        return [dict(row) for row in dataset]
+        return dataset  # `Rows`: keeps each row's file line for error messages
 
-    def _tokenize(self, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    def _tokenize(self, rows: list[dict[str, Any]], source: RowSource) -> list[dict[str, Any]]:
         hp, examples, dropped = self.hparams, [], 0
         for index, row in enumerate(rows):
             prompt, completion = row.get(hp.prompt_column), row.get(hp.completion_column)
             if not isinstance(completion, str) or not isinstance(prompt, (str, list)):
-                raise DataError(f"{source}: row {index}: {hp.prompt_column!r} must be a string or chat messages and {hp.completion_column!r} a string")
+                raise DataError(
+                    f"{source.row(index)}: {hp.prompt_column!r} must be a string or chat messages and {hp.completion_column!r} a string"
+                )
             prompt_ids = encode_prompt(self.tokenizer, render_prompt(self.tokenizer, prompt, hp.system_prompt))
             completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             if len(prompt_ids) + len(completion_ids) > hp.max_length:
                 if hp.overlong == "error" or (hp.overlong == "truncate" and len(prompt_ids) >= hp.max_length):
                     raise DataError(
-                        f"{source}: row {index} has {len(prompt_ids) + len(completion_ids)} tokens > max_length={hp.max_length} "
+                        f"{source.row(index)}: the sample has {len(prompt_ids) + len(completion_ids)} tokens "
+                        f"> max_length={hp.max_length} "
                         "(set overlong: drop or truncate, or raise max_length)"
                     )
                 if hp.overlong == "drop":
@@ -132,10 +150,27 @@ class ColdStartDataModule(L.LightningDataModule):
         return examples
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_examples, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=self.collate,
-            num_workers=self.hparams.num_workers, drop_last=False,
+        hp = self.hparams
+        loader = resumable_train_loader(
+            self.train_examples, hp.batch_size, True, run_seed(hp.shuffle_seed), self.trainer, self.collate, hp.num_workers,
+            self._resume_position,
         )
+        self._train_sampler, self._resume_position = loader.sampler, None
+        return loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        count_training_batch(self._train_sampler, self.trainer)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return position_state(self._train_sampler, len(self.train_examples), world)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        count = len(self.train_examples) or None  # None: not loaded yet
+        self._resume_position = check_position(state_dict, count, world, f"path={self.hparams.path!r}")
+        forget_stale_train_loader(self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:

@@ -8,7 +8,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from r1_lightning.data.sources import DataError, load_rows, require_columns
+from r1_lightning.data.resumable import (
+    ResumableSampler,
+    check_position,
+    count_training_batch,
+    forget_stale_train_loader,
+    position_state,
+    resumable_train_loader,
+    run_seed,
+)
+from r1_lightning.data.sources import DataError, RowSource, load_rows, require_columns
 from r1_lightning.data.tasks import ArithmeticTask
 from r1_lightning.errors import ConfigError
 from r1_lightning.policy import encode_prompt, render_prompt
@@ -38,8 +47,9 @@ class PromptDataModule(L.LightningDataModule):
         num_val_samples: Built-in held-out prompts.
         split: Split of a saved ``DatasetDict`` or hub dataset for training (and predict).
         val_split: Split for validation.
-        shuffle: Shuffle training prompts each epoch.
+        shuffle: Shuffle training prompts each epoch (the order depends only on ``shuffle_seed`` and the epoch).
         num_workers: DataLoader workers.
+        shuffle_seed: Seed of the shuffle; ``None`` takes the run's ``seed_everything`` (or 0).
     """
 
     def __init__(
@@ -61,6 +71,7 @@ class PromptDataModule(L.LightningDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
         tokenizer: Any = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if overlong not in ("error", "drop"):
@@ -71,6 +82,8 @@ class PromptDataModule(L.LightningDataModule):
         self.task = task or ArithmeticTask()
         self.tokenizer = tokenizer
         self.examples: dict[str, list[dict[str, Any]]] = {}
+        self._train_sampler: ResumableSampler | None = None
+        self._resume_position: dict[str, int] | None = None  # from a checkpoint, for the next train_dataloader()
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -89,28 +102,28 @@ class PromptDataModule(L.LightningDataModule):
 
     def _load(self, path: str | None, split: str, option: str, task_split: str, count: int) -> list[dict[str, Any]]:
         if path is None:
-            rows, source = self.task.rows(task_split, count), "built-in task"
+            rows, source = self.task.rows(task_split, count), RowSource("built-in task")
             rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
             column = "prompt"
         else:
             dataset = load_rows(path, split, option)
-            source, column = f"{option}={path!r}", self.hparams.prompt_column
+            source, column = RowSource.of(f"{option}={path!r}", dataset), self.hparams.prompt_column
             require_columns(dataset, [column], source)
             rows = [dict(r) for r in dataset]
         return self._tokenize(rows, column, source)
 
-    def _tokenize(self, rows: list[dict[str, Any]], column: str, source: str) -> list[dict[str, Any]]:
+    def _tokenize(self, rows: list[dict[str, Any]], column: str, source: RowSource) -> list[dict[str, Any]]:
         hp, examples, dropped = self.hparams, [], 0
         for index, row in enumerate(rows):
             prompt = row.pop(column, None)
             if not isinstance(prompt, (str, list)) or not prompt:
-                raise DataError(f"{source}: row {index}: column {column!r} must be a non-empty string or list of chat messages")
+                raise DataError(f"{source.row(index)}: column {column!r} must be a non-empty string or list of chat messages")
             text = render_prompt(self.tokenizer, prompt, hp.system_prompt)
             ids = encode_prompt(self.tokenizer, text)
             if len(ids) > hp.max_prompt_length:
                 if hp.overlong == "error":
                     raise DataError(
-                        f"{source}: row {index}: prompt has {len(ids)} tokens > max_prompt_length={hp.max_prompt_length} "
+                        f"{source.row(index)}: prompt has {len(ids)} tokens > max_prompt_length={hp.max_prompt_length} "
                         "(set overlong: drop, or raise max_prompt_length)"
                     )
                 dropped += 1
@@ -123,7 +136,28 @@ class PromptDataModule(L.LightningDataModule):
         return examples
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
+        hp = self.hparams
+        loader = resumable_train_loader(
+            self.examples["train"], hp.batch_size, hp.shuffle, run_seed(hp.shuffle_seed), self.trainer, collate_prompts,
+            hp.num_workers, self._resume_position,
+        )
+        self._train_sampler, self._resume_position = loader.sampler, None
+        return loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        count_training_batch(self._train_sampler, self.trainer)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return position_state(self._train_sampler, len(self.examples.get("train", [])), world)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        train = self.examples.get("train")
+        count = None if train is None else len(train)  # None: not loaded yet
+        self._resume_position = check_position(state_dict, count, world, f"path={self.hparams.path!r}")
+        forget_stale_train_loader(self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.hparams.val_batch_size or self.hparams.batch_size, False) if self.examples.get("val") else []

@@ -2,11 +2,17 @@
 
 Every failure names what is wrong and where: the file and line of a malformed JSONL row, the
 columns that do exist when one is missing, the source of an empty dataset.
+
+Rows are named the same way everywhere: a JSONL row by its file and 1-based line, as
+``data.jsonl:7`` (the form of the malformed-JSON errors and of editors; blank lines are
+skipped, so line and row number can differ), any other row by its 1-based number, as
+``path='data.parquet' row 3 (1-based)``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -24,9 +30,13 @@ class Rows(list):
     """Rows as plain Python dicts, plus the column names (JSON values are kept exactly as written:
     no Arrow type unification turns 1 into 1.0 or adds missing dict keys)."""
 
-    def __init__(self, rows: list[dict], column_names: list[str] | None = None) -> None:
+    def __init__(
+        self, rows: list[dict], column_names: list[str] | None = None, path: Path | None = None, lines: list[int] | None = None
+    ) -> None:
         super().__init__(rows)
         self.column_names = column_names if column_names is not None else list(dict.fromkeys(k for row in rows for k in row))
+        self.path = path  # the JSONL file, and the 1-based line of each row, for error messages
+        self.lines = lines
 
     @classmethod
     def from_dataset(cls, dataset: datasets.Dataset) -> "Rows":
@@ -54,6 +64,31 @@ def load_rows(path: str, split: str = "train", option: str = "path") -> Rows:
     return dataset
 
 
+@dataclass(frozen=True)
+class RowSource:
+    """Where rows came from (``path='data.jsonl'``, ``built-in task``), to name one of them in an error.
+
+    ``str(source)`` is the name; ``source.row(i)`` names the row at 0-based index ``i``: ``data.jsonl:7``
+    for a JSONL file (its line), else ``<name> row i+1 (1-based)``.
+    """
+
+    name: str
+    path: Path | None = None
+    lines: list[int] | None = None
+
+    @classmethod
+    def of(cls, name: str, rows: list | None = None) -> "RowSource":
+        return cls(name, getattr(rows, "path", None), getattr(rows, "lines", None))
+
+    def row(self, index: int) -> str:
+        if self.lines is not None and self.path is not None:
+            return f"{self.path}:{self.lines[index]}"
+        return f"{self.name} row {index + 1} (1-based)"
+
+    def __str__(self) -> str:
+        return self.name
+
+
 def require_columns(dataset: Rows, columns: list[str], source: str) -> None:
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
@@ -77,7 +112,8 @@ def _load_local(path: Path, split: str, option: str) -> Rows:
     if path.stat().st_size == 0:  # otherwise each reader fails in its own words ("Expecting value", ...)
         raise DataError(f"{option}={str(path)!r}: the file is empty")
     if suffix == ".jsonl":
-        return Rows(_read_jsonl(path))
+        rows, lines = _read_jsonl(path)
+        return Rows(rows, path=path, lines=lines)
     if suffix == ".json":
         return Rows(_read_json(path))
     try:
@@ -86,10 +122,16 @@ def _load_local(path: Path, split: str, option: str) -> Rows:
         raise DataError(f"{path}: cannot read as {suffix[1:]}: {error}") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """The rows of a JSONL file and the 1-based line of each (blank lines are skipped)."""
+    rows, lines = [], []
+    with path.open("rb") as handle:  # decoded line by line, so that bad bytes are named by their line
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad_byte = raw[error.start]
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte {bad_byte:#04x} at offset {error.start})") from None
             if not line.strip():
                 continue
             try:
@@ -99,7 +141,8 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
             rows.append(row)
-    return rows
+            lines.append(number)
+    return rows, lines
 
 
 def _read_json(path: Path) -> list[dict]:

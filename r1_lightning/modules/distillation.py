@@ -25,9 +25,12 @@ from typing_extensions import override
 from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score
 from r1_lightning.export import export_hf_model
+from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
-from r1_lightning.optim import adamw_warmup_cosine, total_training_steps
+from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, total_training_steps
+from r1_lightning.parallel import global_normalizer, is_sharded, run_gathered, shard_for_strategy
 from r1_lightning.policy import LoraSettings, backbone_and_head, load_model, load_tokenizer
+from r1_lightning.resume import load_resume_state, save_rng_states
 from r1_lightning.rl.divergences import (
     DIVERGENCES,
     Divergence,
@@ -69,6 +72,10 @@ class Distillation(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps before the cosine decay.
         min_lr_ratio: The cosine ends at ``min_lr_ratio * learning_rate``.
+        nonfinite: A NaN/inf loss or gradient ``raise``-s one error naming the step and rank, or
+            ``skip``-s that optimizer step (``train/skipped_steps/nonfinite``). A step with an exactly
+            zero gradient never moves the weights (``train/skipped_steps/no_signal``); see
+            ``r1_lightning.guards``.
         dtype: Student weights dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         teacher_dtype: Teacher weights dtype (default ``dtype``).
         gradient_checkpointing: Recompute the student's activations in the backward pass.
@@ -82,6 +89,9 @@ class Distillation(L.LightningModule):
         rollout_engine: How completions are sampled (default: ``HFGenerateEngine``).
         export_hf: Write ``<log dir>/hf_model/`` (the student) when fit ends.
         seed: Seed of sampling and of a built-in student's initial weights.
+        fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype weights are gathered and
+            computed in (e.g. ``bfloat16`` over ``dtype: float32`` weights and optimizer state); None:
+            the weights' dtype. The teacher is sharded the same way. See ``r1_lightning.parallel``.
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class Distillation(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
+        nonfinite: NonFinite = "raise",
         dtype: str = "auto",
         teacher_dtype: str | None = None,
         gradient_checkpointing: bool = False,
@@ -111,18 +122,21 @@ class Distillation(L.LightningModule):
         rollout_engine: RolloutEngine | None = None,
         export_hf: bool = True,
         seed: int = 0,
+        fsdp_param_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["rollout_engine"])
         self.sft = loss == "sft"
         self.divergence = _check_options(loss, temperature, jsd_beta, top_k, on_policy_fraction)
+        check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
-        teacher_tokenizer = load_tokenizer(teacher_name_or_path, trust_remote_code)
+        teacher_tokenizer = load_tokenizer(teacher_name_or_path, trust_remote_code, option="teacher_name_or_path")
         self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tokenizer, model_name_or_path, teacher_name_or_path)
         self.engine = rollout_engine or HFGenerateEngine()
         self.model: torch.nn.Module | None = None
         self.teacher: torch.nn.Module | None = None
         self.val_metrics = ReasoningMetrics()
+        self.guard = StepGuard(nonfinite)
 
     @override
     def configure_model(self) -> None:
@@ -142,6 +156,9 @@ class Distillation(L.LightningModule):
                 raise ConfigError(
                     f"{option}={hp[option]!r}: the LM head has {rows} rows, fewer than the tokenizer's {self.vocab_size} tokens"
                 )
+        # FSDP2 only (DDP and FSDP wrap the module themselves): student and frozen teacher sharded alike.
+        self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)
+        self.teacher = shard_for_strategy(self, self.teacher, hp.fsdp_param_dtype)
 
     # -------------------------------------------------------------------------------- training
     @override
@@ -149,17 +166,26 @@ class Distillation(L.LightningModule):
         parts, on_policy = self._training_rows(batch, batch_idx)
         terms = [self._token_terms(rows) for rows in parts]
         values = torch.cat([t["divergence"] for t in terms])  # [M] over every part
-        if self.sft:
-            loss = torch.cat([t["nll"] for t in terms]).mean()
-        else:
-            loss, _ = distillation_loss(values, self.hparams.temperature)
         tokens = values.numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=tokens)
+        # Token mean over all ranks' batches: N ranks then train as one process on the global batch.
+        scale = tokens / global_normalizer(float(tokens))
+        if self.sft:
+            loss = torch.cat([t["nll"] for t in terms]).mean() * scale
+        else:
+            loss = distillation_loss(values, self.hparams.temperature)[0] * scale
+        self.log("train/loss", loss, prog_bar=True, batch_size=tokens, sync_dist=True)  # mean over ranks = global loss
         self.log(f"train/{self.divergence.name}", values.detach().mean(), batch_size=tokens)
         self.log("train/teacher_agreement", torch.cat([t["agree"] for t in terms]).mean(), prog_bar=True, batch_size=tokens)
         self.log("train/on_policy_frac", float(on_policy), batch_size=1)
         self.log("train/tokens", float(tokens), reduce_fx="sum", batch_size=1)
+        self.guard.record_loss(loss)
         return loss
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # After the backward, before the step: no-signal and (with nonfinite: skip) NaN steps drop their gradients.
+        self.guard.before_optimizer_step(self, optimizer)
+        self.log_dict(self.guard.pop_skipped(), batch_size=1)
 
     def _training_rows(self, batch: dict[str, Any], batch_idx: int) -> tuple[list[dict[str, torch.Tensor]], float]:
         """The rows to learn on: teacher-written rows and rows sampled from the student (GKD's λ)."""
@@ -190,6 +216,10 @@ class Distillation(L.LightningModule):
 
     def _token_terms(self, rows: dict[str, torch.Tensor], with_kl: bool = False) -> dict[str, torch.Tensor]:
         """Per completion token ``[M]``: the divergence, teacher agreement, the NLL (``sft``), and KL at τ = 1 (``with_kl``)."""
+        # Bodies and heads are called separately: under FSDP2 both models' root units stay gathered throughout.
+        return run_gathered(self.model, lambda: run_gathered(self.teacher, self._gathered_token_terms, rows, with_kl))
+
+    def _gathered_token_terms(self, rows: dict[str, torch.Tensor], with_kl: bool) -> dict[str, torch.Tensor]:
         hp = self.hparams
         targets = rows["loss_mask"][:, 1:].bool()  # [B, T-1]: position t predicts token t+1
         student_hidden = _completion_hidden(self.model, rows, targets)  # [M, H_S]
@@ -275,13 +305,17 @@ class Distillation(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is frozen and reloads from its path: a 7B teacher need not be in every checkpoint.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        # A sharded (FSDP) checkpoint keeps it: its loader expects every key, and each rank writes 1/N of it.
+        if not is_sharded(self):
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        save_rng_states(self, checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the state dict is loaded (strictly): put the loaded teacher's weights back in.
-        if self.teacher is not None:
+        if self.teacher is not None and "state_dict" in checkpoint:  # a sharded checkpoint has loaded its state already
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        load_resume_state(self, checkpoint)
 
     @override
     def on_fit_end(self) -> None:

@@ -21,15 +21,22 @@ from typing_extensions import override
 from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score, raw_completions, scored_texts
 from r1_lightning.export import export_hf_model
+from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
-from r1_lightning.optim import adamw_warmup_cosine, total_training_steps
+from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, total_training_steps
+from r1_lightning.parallel import check_backward_passes, clip_grad_norm, global_normalizer, shard_for_strategy
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
+from r1_lightning.resume import load_resume_state, save_rng_states
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
 from r1_lightning.rl.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_mask, group_advantages
 from r1_lightning.rl.kl import KLEstimator, kl_reward_penalty, resolve_kl_estimator
 from r1_lightning.rl.losses import AGGREGATIONS, loss_normalizer, policy_loss
 from r1_lightning.rl.masked import masked_mean
 from r1_lightning.rl.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
+
+
+# Sampling streams of `_prompt_generators` besides training's rollout steps (which count up from 0).
+EVAL_STREAM, PREDICT_STREAM = -1, -2
 
 
 @dataclass
@@ -86,6 +93,10 @@ class GRPO(L.LightningModule):
         warmup_steps: Linear warm-up optimizer steps.
         min_lr_ratio: The cosine ends at ``min_lr_ratio * learning_rate``.
         max_grad_norm: Gradient clipping by global norm (0 = off).
+        nonfinite: A NaN/inf loss or gradient ``raise``-s one error naming the step and rank, or
+            ``skip``-s that optimizer step (``train/skipped_steps/nonfinite``). A mini-batch with an
+            exactly zero gradient (no signal) never steps (``train/skipped_steps/no_signal``); see
+            ``r1_lightning.guards``.
         dtype: Weights dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         gradient_checkpointing: Recompute activations in the backward pass.
         lora: Train a LoRA adapter; the reference is then the base model with the adapter disabled.
@@ -97,7 +108,10 @@ class GRPO(L.LightningModule):
         answer_column: Column with the reference answer that validation scores against.
         rollout_engine: How completions are sampled (default: ``HFGenerateEngine``).
         export_hf: Write ``<log dir>/hf_model/`` when fit ends.
-        seed: Seed of sampling (per rank and step) and of a built-in model's initial weights.
+        seed: Seed of sampling (per prompt and step) and of a built-in model's initial weights.
+        fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype weights are gathered and
+            computed in (e.g. ``bfloat16`` over ``dtype: float32`` weights and optimizer state); None:
+            the weights' dtype. The reference model is sharded the same way. See ``r1_lightning.parallel``.
     """
 
     def __init__(
@@ -130,6 +144,7 @@ class GRPO(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         max_grad_norm: float = 1.0,
+        nonfinite: NonFinite = "raise",
         dtype: str = "auto",
         gradient_checkpointing: bool = False,
         lora: LoraSettings | None = None,
@@ -142,19 +157,24 @@ class GRPO(L.LightningModule):
         rollout_engine: RolloutEngine | None = None,
         export_hf: bool = True,
         seed: int = 0,
+        fsdp_param_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["rewards", "kl_estimator", "rollout_engine"])
         _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level)
+        _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
+        check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
-        self.reward_set = RewardSet(rewards or [Accuracy(), LenientFormat()], reward_weights, reward_on_error, reward_timeout)
+        rewards = rewards if rewards is not None else [Accuracy(), LenientFormat()]  # `[]` is refused, not replaced
+        self.reward_set = RewardSet(rewards, reward_weights, reward_on_error, reward_timeout)
         self.kl_estimator = resolve_kl_estimator(kl_estimator)
         self.engine = rollout_engine or HFGenerateEngine()
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self.val_metrics = ReasoningMetrics()
         self.rollout_step = 0  # batches of rollouts so far: seeds sampling, survives checkpoints
+        self.guard = StepGuard(nonfinite)
 
     # ----------------------------------------------------------------------------------- setup
     @override
@@ -166,6 +186,9 @@ class GRPO(L.LightningModule):
         self.model = load_model(hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **kwargs).train()
         if hp.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
             self.ref_model = load_model(hp.model_name_or_path, **kwargs).eval().requires_grad_(False)
+        # FSDP2 only (DDP and FSDP wrap the module themselves): policy and reference sharded alike.
+        self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)
+        self.ref_model = shard_for_strategy(self, self.ref_model, hp.fsdp_param_dtype)
 
     def reference_context(self):
         """Context in which ``reference_model`` computes reference log-probs."""
@@ -179,7 +202,8 @@ class GRPO(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         hp, G = self.hparams, self.hparams.num_generations
-        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), self._generator())
+        generators = self._prompt_generators(batch, self.rollout_step) or self._generator()
+        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
         texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
         scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
         rewards = scores.total.to(self.device)  # [B*G]
@@ -211,11 +235,13 @@ class GRPO(L.LightningModule):
         rows = advantages.shape[0]
         mini = hp.mini_batch_size or rows
         micro = min(hp.micro_batch_size or mini, mini)
+        check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows, mini):
             mini_rows = slice(start, min(start + mini, rows))
-            # One normaliser for the whole mini-batch, so micro-batch gradients add up to its gradient.
-            normalizer = loss_normalizer(loss_mask[mini_rows], hp.loss_aggregation, hp.max_new_tokens)
+            # One normaliser for the whole mini-batch, so micro-batch gradients add up to its gradient,
+            # counted over all ranks' mini-batches, so N ranks step as one process on the global batch.
+            normalizer = global_normalizer(loss_normalizer(loss_mask[mini_rows], hp.loss_aggregation, hp.max_new_tokens))
             for micro_start in range(mini_rows.start, mini_rows.stop, micro):
                 r = slice(micro_start, min(micro_start + micro, mini_rows.stop))
                 logprobs, entropy = self._policy_logprobs({k: v[r] for k, v in inputs.items()}, target_mask[r], P)
@@ -227,17 +253,23 @@ class GRPO(L.LightningModule):
                     normalizer=normalizer, max_completion_length=hp.max_new_tokens,
                 )
                 self.manual_backward(loss)
+                self.guard.record_loss(loss)
                 weight = (r.stop - r.start) / rows
                 metrics = {**metrics, "loss": loss.detach(), "entropy": masked_mean(entropy, loss_mask[r])}
                 for name, value in metrics.items():
                     totals[name] = totals.get(name, 0.0) + value.detach() * (1.0 if name in ("loss", "policy_loss") else weight)
             if hp.max_grad_norm > 0:
-                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                clip_grad_norm(self, optimizer, hp.max_grad_norm)  # FSDP1 needs its root's own clipping
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         num_minibatches = -(-rows // mini)
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called inside `optimizer.step()`: no-signal and (with nonfinite: skip) NaN steps drop their gradients.
+        self.guard.before_optimizer_step(self, optimizer)
 
     def _prompt_texts(self, batch: dict[str, Any]) -> list[str]:
         """Rendered prompts: ``PromptDataModule`` sends them; another data module's ids are decoded."""
@@ -275,18 +307,26 @@ class GRPO(L.LightningModule):
             top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=sorted(e for e in eos if e is not None), pad_token_id=self.tokenizer.pad_token_id,
         )
 
+    def _prompt_generators(self, batch: dict[str, Any], stream: int) -> list[torch.Generator] | None:
+        """One generator per prompt, seeded by (seed, the prompt's dataset index, stream); None without ``indices``.
+
+        A prompt's G samples then do not depend on which rank or batch holds it: N ranks sample
+        exactly what one process would. Training passes ``rollout_step`` as the stream, so a resumed
+        run samples what the uninterrupted one would have; evaluation and predict pass constants.
+        """
+        indices = batch.get("indices")
+        if indices is None:
+            return None
+        return [self._seeded((int(index) + 1) * 1_000_033 + stream) for index in indices]
+
     def _generator(self, offset: int = 0) -> torch.Generator:
-        # A seed from (seed, rank, step): every rank samples differently, and a resumed run
-        # samples exactly what the uninterrupted run would have.
+        # For batches without dataset indices: a seed from (seed, rank, step), so ranks differ and
+        # a resumed run samples what the uninterrupted run would have.
         return self._seeded(self.global_rank * 7919 + self.rollout_step + offset)
 
-    def _eval_generator(self, batch_idx: int) -> torch.Generator:
+    def _eval_generator(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator | list[torch.Generator]:
         # Independent of training progress: every evaluation of a run samples with the same seeds.
-        return self._seeded(self.global_rank * 7919 + 10_000_000 + batch_idx)
-
-    def _prompt_generator(self, index: int) -> torch.Generator:
-        # Independent of rank and batch: a prompt's samples are the same however the data is split.
-        return self._seeded(7 * index + 1)
+        return self._prompt_generators(batch, EVAL_STREAM) or self._seeded(self.global_rank * 7919 + 10_000_000 + batch_idx)
 
     def _seeded(self, offset: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed((self.hparams.seed * 1_000_003 + offset) % (2**63))
@@ -315,6 +355,7 @@ class GRPO(L.LightningModule):
             logged[f"train/rewards/{name}"] = torch.nanmean(values)
         for name, count in scores.failures.items():
             logged[f"train/reward_failures/{name}"] = torch.tensor(float(count))
+        logged.update(self.guard.pop_skipped())
         logged = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in logged.items()}
         self.log("train/reward", logged.pop("train/reward"), prog_bar=True, sync_dist=True, batch_size=rewards.shape[0])
         self.log_dict(logged, sync_dist=True, batch_size=rewards.shape[0])
@@ -331,7 +372,7 @@ class GRPO(L.LightningModule):
             )
         scored = generate_and_score(
             self.model, self.tokenizer, self.engine, batch["prompt_ids"], answers, self.sampling_params(evaluation=True),
-            self.hparams.eval_num_samples, self._eval_generator(batch_idx),
+            self.hparams.eval_num_samples, self._eval_generator(batch, batch_idx),
         )
         self.val_metrics.update(scored.correct, scored.answers, scored.formatted, scored.reasoning_lengths)
 
@@ -351,19 +392,12 @@ class GRPO(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Rejection sampling: ``num_generations`` scored samples per prompt (see ``RejectionSamplingWriter``)."""
         G = self.hparams.num_generations
-        # One generator per prompt, seeded by its dataset index: the samples of a prompt do not
-        # depend on which rank or batch it lands in, so N ranks write exactly what one would.
-        rollouts = [
-            self.engine.generate(self.model, [ids], G, self.sampling_params(), self._prompt_generator(index))
-            for ids, index in zip(batch["prompt_ids"], batch["indices"])
-        ]
-        texts, raw, lengths, truncated = [], [], [], []
-        for prompt_text, rollout in zip(self._prompt_texts(batch), rollouts):
-            generated = raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
-            raw += generated  # what SFT trains on: the rendered prompt already holds any <think> prefill
-            texts += scored_texts([prompt_text], generated, G)  # what rewards score
-            lengths += rollout.completion_lengths.tolist()
-            truncated += rollout.truncated.tolist()
+        # One generator per prompt, seeded by its dataset index: N ranks write exactly what one would.
+        generators = self._prompt_generators(batch, PREDICT_STREAM) or self._generator()
+        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
+        raw = raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)  # what SFT trains on
+        texts = scored_texts(self._prompt_texts(batch), raw, G)  # what rewards score (any <think> prefill restored)
+        lengths, truncated = rollout.completion_lengths.tolist(), rollout.truncated.tolist()
         scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
         return {
             "indices": batch["indices"], "prompts": batch["prompts"], "columns": batch["columns"], "num_generations": G,
@@ -384,10 +418,12 @@ class GRPO(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["r1_rollout_step"] = self.rollout_step
+        save_rng_states(self, checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollout_step = checkpoint.get("r1_rollout_step", 0)
+        load_resume_state(self, checkpoint)
 
     @override
     def on_fit_end(self) -> None:
@@ -411,6 +447,22 @@ def _as_list(value: Any) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples) -> None:
+    # Checked here, so a bad value fails before the run starts rather than at the first rollout.
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if not temperature >= 0:
+        raise ConfigError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p}: must be in (0, 1]")
+    if top_k < 0:
+        raise ConfigError(f"top_k={top_k}: must be >= 0 (0 = off)")
+    if not eval_temperature >= 0:
+        raise ConfigError(f"eval_temperature={eval_temperature}: must be >= 0 (0 = greedy)")
+    if eval_num_samples < 1:
+        raise ConfigError(f"eval_num_samples={eval_num_samples}: must be >= 1")
 
 
 def _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level) -> None:

@@ -14,10 +14,12 @@ from typing_extensions import override
 
 from r1_lightning.evaluation import generate_and_score
 from r1_lightning.export import export_hf_model
+from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
-from r1_lightning.optim import adamw_warmup_cosine, total_training_steps
+from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, total_training_steps
+from r1_lightning.parallel import global_normalizer, shard_for_strategy
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
-from r1_lightning.rl.masked import masked_mean
+from r1_lightning.resume import load_resume_state, save_rng_states
 from r1_lightning.rl.rollout import HFGenerateEngine, SamplingParams
 
 
@@ -30,6 +32,10 @@ class PolicySFT(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps before the cosine decay.
         min_lr_ratio: The cosine ends at ``min_lr_ratio * learning_rate``.
+        nonfinite: A NaN/inf loss or gradient ``raise``-s one error naming the step and rank, or
+            ``skip``-s that optimizer step (``train/skipped_steps/nonfinite``). A step with an exactly
+            zero gradient never moves the weights (``train/skipped_steps/no_signal``); see
+            ``r1_lightning.guards``.
         dtype: Weights dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         lora: Train a LoRA adapter instead of all weights (needs ``peft``).
@@ -40,6 +46,9 @@ class PolicySFT(L.LightningModule):
         eval_temperature: Sampling temperature in validation (0 = greedy).
         export_hf: Write ``<log dir>/hf_model/`` when fit ends.
         seed: Seed of the built-in model's initial weights and of validation sampling.
+        fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype weights are gathered and
+            computed in (e.g. ``bfloat16`` over ``dtype: float32`` weights and optimizer state); None:
+            the weights' dtype. See ``r1_lightning.parallel``.
     """
 
     def __init__(
@@ -49,6 +58,7 @@ class PolicySFT(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
+        nonfinite: NonFinite = "raise",
         dtype: str = "auto",
         gradient_checkpointing: bool = False,
         lora: LoraSettings | None = None,
@@ -59,14 +69,17 @@ class PolicySFT(L.LightningModule):
         eval_temperature: float = 0.0,
         export_hf: bool = True,
         seed: int = 0,
+        fsdp_param_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         # The tokenizer is light and needed by the data module's setup(), before configure_model.
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model: torch.nn.Module | None = None
         self.engine = HFGenerateEngine()
         self.val_metrics = ReasoningMetrics()
+        self.guard = StepGuard(nonfinite)
 
     @override
     def configure_model(self) -> None:
@@ -77,21 +90,31 @@ class PolicySFT(L.LightningModule):
             hp.model_name_or_path, vocab_size=len(self.tokenizer), dtype=hp.dtype, gradient_checkpointing=hp.gradient_checkpointing,
             lora=hp.lora, trust_remote_code=hp.trust_remote_code, seed=hp.seed,
         ).train()  # from_pretrained returns eval mode
+        self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)  # FSDP2 only; DDP/FSDP wrap it themselves
 
     def completion_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-mean negative log-likelihood of the completion tokens; returns (loss, token count)."""
+        """Token-mean negative log-likelihood of the completion tokens over all ranks' batches; returns (loss, token count)."""
         loss_mask = batch["loss_mask"]  # [B, T]
         logprobs, _ = token_logprobs(
             self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], loss_mask, chunk_size=self.hparams.logprob_chunk_size
         )
-        return -masked_mean(logprobs, loss_mask), loss_mask.sum()
+        tokens = loss_mask.sum()
+        # The token count of the global batch: N ranks then train as one process on all of it.
+        return -(logprobs * loss_mask).sum() / global_normalizer(tokens), tokens
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, tokens = self.completion_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(tokens))
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(tokens), sync_dist=True)  # mean over ranks = global loss
         self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=1)
+        self.guard.record_loss(loss)
         return loss
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # After the backward, before the step: no-signal and (with nonfinite: skip) NaN steps drop their gradients.
+        self.guard.before_optimizer_step(self, optimizer)
+        self.log_dict(self.guard.pop_skipped(), batch_size=1)
 
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -116,6 +139,14 @@ class PolicySFT(L.LightningModule):
         return adamw_warmup_cosine(
             self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps, total_training_steps(self.trainer), hp.min_lr_ratio
         )
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_rng_states(self, checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        load_resume_state(self, checkpoint)
 
     @override
     def on_fit_end(self) -> None:

@@ -5,7 +5,7 @@ see `r1_lightning.rewards.base`.
 """
 
 from r1_lightning.rewards.accuracy import Accuracy, CosineScaledAccuracy
-from r1_lightning.rewards.base import Reward, RewardError, RewardFn, reward_name, score_each
+from r1_lightning.rewards.base import FailedScore, Reward, RewardError, RewardFn, reward_name, score_each
 from r1_lightning.rewards.format import LenientFormat, ReasoningSteps, StrictFormat, TagCount
 from r1_lightning.rewards.language import LanguageConsistency
 from r1_lightning.rewards.length import SoftOverlong
@@ -16,6 +16,7 @@ from r1_lightning.rewards.reward_set import RewardScores, RewardSet
 __all__ = [
     "Accuracy",
     "CosineScaledAccuracy",
+    "FailedScore",
     "LanguageConsistency",
     "LenientFormat",
     "ReasoningSteps",

@@ -7,12 +7,11 @@ import math
 import threading
 from typing import Any, Literal
 
-from r1_lightning.rewards.base import Reward, RewardError, snippet
+from r1_lightning.rewards.base import FailedScore, Reward
 from r1_lightning.rewards.length import text_lengths
 from r1_lightning.rewards.parsing import extract_answer
 from r1_lightning.rewards.process_pool import TimeoutPool
 
-log = logging.getLogger(__name__)
 _POOL_LOCK = threading.Lock()  # two threads' first calls must not start two pools
 
 # Short texts without math delimiters are also tried as inline math ("$...$"): math-verify
@@ -78,10 +77,15 @@ class Accuracy(Reward):
     Time limit and threads: math-verify's own timeouts use `signal.alarm`, which only
     works in the main thread, and sympy can hang on a pathological expression. So every
     sample is verified in a small pool of worker processes (started on the first call);
-    a sample that takes longer than `timeout` seconds has its worker killed and replaced
-    and scores 0.0 (an answer that cannot be verified is not credited), with a warning.
-    The reward can therefore be called from any thread and never takes more than about
-    `timeout` seconds per sample. Calls are serialised; the object pickles without its pool.
+    a sample that takes longer than `timeout` seconds has its worker killed and replaced.
+    Such a sample, and one whose verification raised or crashed its worker, gets a
+    `FailedScore` naming the reason instead of a score: `RewardSet` applies its `on_error`
+    policy to it and counts it in `train/reward_failures/accuracy` (it is not scored 0.0,
+    which would be indistinguishable from a wrong answer). The reward can therefore be
+    called from any thread and never takes more than about `timeout` seconds per sample.
+    Calls are serialised; the object pickles without its pool. Workers are killed with
+    the object, at interpreter exit (daemon processes), and exit by themselves within about
+    a second when the parent process dies.
 
     Args:
         answer_column: Column holding the reference answer (string or number).
@@ -110,7 +114,7 @@ class Accuracy(Reward):
         self.start_method = start_method
         self._pool: TimeoutPool | None = None
 
-    def __call__(self, completions: list[str], *, prompts: list, **columns: Any) -> list[float | None]:
+    def __call__(self, completions: list[str], *, prompts: list, **columns: Any) -> list[float | None | FailedScore]:
         if self.answer_column not in columns:
             raise KeyError(
                 f"{type(self).__name__} reads the reference answer from column {self.answer_column!r}, "
@@ -132,17 +136,17 @@ class Accuracy(Reward):
             indices.append(i)
         outcomes = self._get_pool().map(jobs, self.timeout) if jobs else []
         for i, outcome in zip(indices, outcomes):
-            scores[i] = self._score(outcome, i, completions[i])
+            scores[i] = self._score(outcome)
         return scores
 
-    def _score(self, outcome: Any, index: int, completion: str) -> float | None:
+    def _score(self, outcome: Any) -> float | None | FailedScore:
         if outcome.status == "ok":
             return outcome.value
         if outcome.status == "error":
-            raise RewardError(f"sample {index} ({snippet(completion)}): {outcome.value}", index=index, completion=completion)
-        reason = f"took longer than {self.timeout:g}s" if outcome.status == "timeout" else "crashed its worker process"
-        log.warning("%s: verifying sample %d (%s) %s; scored 0.0", self.name, index, snippet(completion), reason)
-        return 0.0
+            return FailedScore(f"raised {outcome.value} in math-verify")
+        if outcome.status == "timeout":
+            return FailedScore(f"took longer than timeout={self.timeout:g}s to verify (its worker process was killed)")
+        return FailedScore("crashed its math-verify worker process")
 
     def _get_pool(self) -> TimeoutPool:
         with _POOL_LOCK:
@@ -218,7 +222,10 @@ class CosineScaledAccuracy(Reward):
     def __call__(self, completions: list[str], *, prompts: list, **columns: Any) -> list[float | None]:
         correct = self.accuracy(completions, prompts=prompts, **columns)
         lengths = text_lengths(completions, self.tokenizer)
-        return [None if c is None else self._scale(c == 1.0, length) for c, length in zip(correct, lengths)]
+        # None and a FailedScore pass through: an unverified answer is neither right nor wrong.
+        return [
+            c if c is None or isinstance(c, FailedScore) else self._scale(c == 1.0, length) for c, length in zip(correct, lengths)
+        ]
 
     def _scale(self, correct: bool, length: int) -> float:
         if length > self.max_length and self.exceed_value is not None:

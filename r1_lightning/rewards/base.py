@@ -7,6 +7,10 @@ A reward is any callable
 returning one score per completion (`None` = not applicable). `prompts` and every column
 (e.g. `answer`) hold one entry per completion, and a call always covers whole groups of
 G completions. A plain function works; subclass `Reward` for a reward with settings.
+
+A reward that cannot score one sample (its verifier timed out or crashed) returns a
+`FailedScore` in that sample's place: `RewardSet` then applies its `on_error` policy to that
+sample alone and counts it, instead of the sample getting a made-up 0.0.
 """
 
 from __future__ import annotations
@@ -14,10 +18,23 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 RewardFn = Callable[..., list[float | None]]
 """Type of a reward: `(completions, *, prompts, **columns) -> list[float | None]`."""
+
+
+class FailedScore(NamedTuple):
+    """Returned in place of a score when one sample could not be scored.
+
+    `RewardSet` treats it as a failure of that sample (raise, or `None` and counted, by its
+    `on_error`); it is never a number, so it cannot pass for a 0.0.
+
+    Attributes:
+        reason: What went wrong, e.g. "took longer than 5s to verify".
+    """
+
+    reason: str
 
 
 class Reward(ABC):

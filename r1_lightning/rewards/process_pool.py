@@ -4,23 +4,49 @@ Why processes: a verifier such as sympy can hang or hold the GIL for minutes on 
 pathological expression, and a thread cannot be stopped; signal-based timeouts
 (`signal.alarm`) only work in the main thread and do not interrupt long C calls. A worker
 process can always be killed, from any thread.
+
+No worker outlives its parent: workers are killed at a timeout (and reaped), when the pool
+is closed or garbage collected, and at interpreter exit (daemon processes). If the parent is
+killed outright (SIGKILL, the OOM killer), Linux kills the workers too (`PR_SET_PDEATHSIG`),
+even one stuck in a long C call that could not check on its parent; elsewhere an idle worker
+notices within a second. The death signal fires when the *thread* that started the worker
+exits, so every worker is started from one long-lived spawner thread, never from the
+caller's thread (which may be a short-lived reward thread).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import signal
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, NamedTuple
 
 _READY = "ready"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_SPAWNERS: dict[int, ThreadPoolExecutor] = {}  # pid -> the thread that starts its workers
+_SPAWNERS_LOCK = threading.Lock()
+
+
+def _spawner() -> ThreadPoolExecutor:
+    """This process's spawner thread (see the module docstring); lives until interpreter exit.
+
+    Keyed by pid: a forked child inherits the executor object but not its thread.
+    """
+    with _SPAWNERS_LOCK:
+        pid = os.getpid()
+        if pid not in _SPAWNERS:
+            _SPAWNERS[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1-lightning-spawner")
+        return _SPAWNERS[pid]
 
 
 class Outcome(NamedTuple):
@@ -31,7 +57,37 @@ class Outcome(NamedTuple):
     value: Any = None
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl``, looked up here in the parent: a ``dlopen`` in a child forked from a
+    multi-threaded parent is not safe."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no libc symbol: the idle poll in `_serve` still applies
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In a worker: have Linux SIGKILL it when the parent's spawner thread (so the parent) dies."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(0)
+
+
+def _parent_of_worker(ctx: Any) -> int:
+    # A forkserver's workers are its children, not ours; it exits itself when we die.
+    return os.getpid() if ctx.get_start_method() != "forkserver" else -1
+
+
 def _serve(conn: Connection, fn: Callable[..., Any], initializer: Callable[[], None] | None, parent_pid: int) -> None:
+    if parent_pid < 0:
+        parent_pid = os.getppid()
+    _die_with_parent(parent_pid)
     if initializer is not None:
         initializer()
     conn.send(_READY)
@@ -52,13 +108,20 @@ def _serve(conn: Connection, fn: Callable[..., Any], initializer: Callable[[], N
         conn.send(outcome)
 
 
+class _StartCrash(RuntimeError):
+    """A worker died before it was ready (e.g. a crash in a child forked from a busy multi-threaded parent)."""
+
+
+_START_ATTEMPTS = 3  # a worker that crashes while starting is started again, this many times in all
+
+
 class _Worker:
     def __init__(self, ctx: Any, fn: Callable[..., Any], initializer: Callable[[], None] | None) -> None:
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
-            target=_serve, args=(child_conn, fn, initializer, os.getpid()), daemon=True, name="r1-lightning-worker"
+            target=_serve, args=(child_conn, fn, initializer, _parent_of_worker(ctx)), daemon=True, name="r1-lightning-worker"
         )
-        self.process.start()
+        _spawner().submit(self.process.start).result()
         child_conn.close()
 
     def wait_ready(self, timeout: float) -> None:
@@ -69,7 +132,7 @@ class _Worker:
             pass
         self.kill()
         if self.process.exitcode not in (None, -signal.SIGKILL):
-            raise RuntimeError(f"worker process exited with code {self.process.exitcode} while starting (see its error above)")
+            raise _StartCrash(f"worker process exited with code {self.process.exitcode} while starting (see its error above)")
         raise RuntimeError(f"worker process did not start within {timeout:g}s")
 
     def kill(self) -> None:
@@ -172,17 +235,21 @@ class TimeoutPool:
             _kill_all(self._workers)
 
     def _start_workers(self) -> None:
-        # Start them all before waiting, so that their start-up overlaps.
-        new = [self._new_worker() for _ in range(self._num_workers - len(self._workers))]
-        try:
-            for worker in new:
-                worker.wait_ready(self._startup_timeout)
-                self._workers.append(worker)
-        except RuntimeError:
-            for worker in new:
-                worker.kill()
-            self._workers[:] = [w for w in self._workers if w not in new]
-            raise
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            # Start them all before waiting, so that their start-up overlaps.
+            new = [self._new_worker() for _ in range(self._num_workers - len(self._workers))]
+            try:
+                for worker in new:
+                    worker.wait_ready(self._startup_timeout)
+                    self._workers.append(worker)
+                return
+            except RuntimeError as error:
+                for worker in new:
+                    worker.kill()
+                self._workers[:] = [w for w in self._workers if w not in new]
+                if not isinstance(error, _StartCrash) or attempt == _START_ATTEMPTS:
+                    raise
+                warnings.warn(f"{error}; starting it again (attempt {attempt + 1} of {_START_ATTEMPTS})", RuntimeWarning, stacklevel=2)
 
     def _new_worker(self) -> _Worker:
         return _Worker(self._ctx, self._fn, self._initializer)

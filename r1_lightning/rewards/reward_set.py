@@ -13,7 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from r1_lightning.rewards.base import RewardError, RewardFn, reward_name, snippet
+from r1_lightning.errors import ConfigError
+from r1_lightning.rewards.base import FailedScore, RewardError, RewardFn, reward_name, snippet
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class RewardSet:
     """Weighted rewards scored together, with validation and a failure policy.
 
     A reward *fails* when it raises, runs past `timeout`, returns the wrong number of
-    scores (whole call), or returns a non-numeric, NaN or infinite score (that sample).
+    scores (whole call), or returns a non-numeric, NaN or infinite score or a `FailedScore`
+    (that sample).
     `on_error="raise"` turns the first failure into one `RewardError` naming the reward
     and, where known, the sample; `on_error="none"` makes the failed scores `None`, logs
     a warning with the same text, and counts them in `RewardScores.failures` (never a
@@ -82,20 +84,21 @@ class RewardSet:
         on_error: Literal["raise", "none"] = "raise",
         timeout: float | None = None,
     ) -> None:
+        # ConfigError (a ValueError): the CLI prints it as one line naming the option.
         if not rewards:
-            raise ValueError("RewardSet needs at least one reward")
+            raise ConfigError("rewards: the list is empty; give at least one reward")
         for fn in rewards:
             if not callable(fn):
                 raise TypeError(f"a reward must be callable, got {fn!r} ({type(fn).__name__})")
         weights = [1.0] * len(rewards) if weights is None else [float(w) for w in weights]
         if len(weights) != len(rewards):
-            raise ValueError(f"got {len(weights)} reward weights for {len(rewards)} rewards")
+            raise ConfigError(f"reward_weights={weights}: got {len(weights)} reward weights for {len(rewards)} rewards")
         if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"reward weights must be finite, got {weights}")
+            raise ConfigError(f"reward_weights={weights}: reward weights must be finite")
         if on_error not in ("raise", "none"):
-            raise ValueError(f'on_error must be "raise" or "none", got {on_error!r}')
+            raise ConfigError(f'reward_on_error={on_error!r}: on_error must be "raise" or "none"')
         if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive or None, got {timeout}")
+            raise ConfigError(f"reward_timeout={timeout}: the reward timeout must be positive or None")
         self.rewards = list(rewards)
         self.weights = weights
         self.names = _unique_names([reward_name(fn) for fn in rewards])
@@ -224,6 +227,8 @@ def _check_score(value: Any) -> str | None:
     """Why `value` is not a valid score, or None if it is."""
     if value is None:
         return None
+    if isinstance(value, FailedScore):
+        return value.reason
     if not isinstance(value, numbers.Real):
         return f"returned a non-numeric score {value!r} ({type(value).__name__})"
     if not math.isfinite(value):

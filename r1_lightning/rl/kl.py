@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from r1_lightning.errors import ConfigError
 from r1_lightning.rl.masked import masked_mean, masked_sum
 
 # exp(20) ≈ 4.9e8 is finite in float32, bfloat16 and float16 alike. Without a bound,
@@ -98,7 +99,7 @@ def resolve_kl_estimator(spec: str | KLEstimator) -> KLEstimator:
         return spec
     if isinstance(spec, str) and spec.lower() in KL_ESTIMATORS:
         return KL_ESTIMATORS[spec.lower()]()
-    raise ValueError(
+    raise ConfigError(  # a ValueError the CLI prints as one line
         f"kl_estimator={spec!r} is not one of {sorted(KL_ESTIMATORS)}; for your own estimator pass an "
         "instance of r1_lightning.rl.kl.KLEstimator (in YAML: class_path/init_args)."
     )

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from r1_lightning.rl.kl import LOG_RATIO_CLAMP
 from r1_lightning.rl.masked import masked_mean, masked_sum
 
 def _sum_of_sequence_means(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -178,7 +179,12 @@ def policy_loss(
     _check_shapes(logprobs, old_logprobs, advantages, completion_mask)
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = completion_mask.bool()
-    ratio = torch.exp(importance_log_ratio(logprobs, old_logprobs, mask, ratio_level))  # [B*G, T]
+    # Bounded before exp() (as in K3): with μ > 1 a token the policy has moved far from π_old
+    # would give ρ = inf, a loss of inf for A < 0 and, through the unselected branch of
+    # min(), a gradient of 0 · inf = NaN for A > 0. Beyond e^±20 ρ is far outside any clip
+    # range, so only the size of an already-clipped or runaway term changes.
+    log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, ratio_level).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)  # [B*G, T]
     adv = advantages.unsqueeze(-1).to(ratio.dtype)  # [B*G, 1]
     clipped_ratio = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)  # [B*G, T]
     per_token_policy = -torch.min(ratio * adv, clipped_ratio * adv)  # [B*G, T]

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from r1_lightning.rl.fast_decode import fast_decode_step
+
 try:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
@@ -153,7 +155,7 @@ class RolloutEngine(ABC):
         prompt_ids: list[list[int]],
         num_generations: int,
         params: SamplingParams,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Rollout:
         """Sample `num_generations` completions for each prompt.
 
@@ -162,7 +164,9 @@ class RolloutEngine(ABC):
             prompt_ids: B prompts as token ids, unpadded.
             num_generations: G, completions per prompt.
             params: How to sample.
-            generator: Source of randomness for reproducible sampling; the global RNG if None.
+            generator: Source of randomness for reproducible sampling; the global RNG if None. A
+                list holds one generator per prompt, which alone draws the noise of that prompt's
+                G completions: a prompt then gets the same samples whatever batch (or rank) it is in.
 
         Returns:
             A `Rollout` of `B*G` rows on the model's device, the G rows of a prompt consecutive.
@@ -190,18 +194,24 @@ class HFGenerateEngine(RolloutEngine):
         prompt_ids: list[list[int]],
         num_generations: int,
         params: SamplingParams,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Rollout:
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("HFGenerateEngine.generate: every prompt needs at least one token")
         if num_generations < 1:
             raise ValueError(f"HFGenerateEngine.generate: num_generations must be >= 1, got {num_generations}")
         device = _model_device(model)
-        if generator is not None and generator.device.type != device.type:
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if isinstance(generator, (list, tuple)) and len(generator) != len(prompt_ids):
             raise ValueError(
-                f"HFGenerateEngine.generate: the generator lives on {generator.device} but the model on {device}; "
-                f"create it with torch.Generator(device={str(device)!r})"
+                f"HFGenerateEngine.generate: {len(generator)} generators for {len(prompt_ids)} prompts; pass one per prompt"
             )
+        for g in generators:
+            if g is not None and g.device.type != device.type:
+                raise ValueError(
+                    f"HFGenerateEngine.generate: the generator lives on {g.device} but the model on {device}; "
+                    f"create it with torch.Generator(device={str(device)!r})"
+                )
         prompts, prompt_mask = left_pad(prompt_ids, params.pad_token_id, device)  # [B, P]
 
         with _eval_mode(model), _no_grad(model):
@@ -266,6 +276,7 @@ def _decode(
     next_position = position_ids[:, -1:].repeat_interleave(G, dim=0) + 1  # [N, 1]
     attention_mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), prompt_mask.new_ones(N, T)], dim=1)
     attention_mask = _decode_mask(model, attention_mask)
+    fast_step = fast_decode_step(model, cache, attention_mask)  # None: the Hugging Face forward
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, logprobs = [], []
@@ -277,14 +288,17 @@ def _decode(
         finished = finished | torch.isin(token, eos)
         if t == T - 1 or not any_rank_running(~finished):
             break
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=attention_mask[..., : P + t + 1],
-            position_ids=next_position,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1]
+        if fast_step is not None:
+            logits = fast_step(token[:, None], attention_mask[..., : P + t + 1], next_position)
+        else:
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask[..., : P + t + 1],
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1]
         next_position = next_position + 1
     return tokens, logprobs, finished
 
@@ -367,13 +381,16 @@ def any_rank_running(running: Tensor) -> bool:
     return bool(flag.item())
 
 
-def sample_next_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_next_token(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator | list[torch.Generator] | None = None
+) -> tuple[Tensor, Tensor]:
     """Pick the next token of each row and its log-prob under the sampling policy.
 
     Args:
         logits: `[N, V]` float32 next-token logits.
         params: Temperature, top-k and top-p.
-        generator: RNG for the sampling noise.
+        generator: RNG for the sampling noise; or a list of B generators, one per block of
+            `N / B` consecutive rows (a prompt's G completions), each drawing its block's noise.
 
     Returns:
         `[N]` token ids and `[N]` log-probs from `log_softmax(logits / temperature)` over
@@ -410,13 +427,21 @@ def _top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tens
     return candidates, index
 
 
-def _gumbel_argmax(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+def _gumbel_argmax(logits: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
     """Sample from `softmax(logits)` as `argmax(logits + Gumbel noise)`, with no device sync.
 
     Gumbel noise is `-log(-log(u))` for uniform `u`; drawn from `uniform_` it is several times
-    cheaper on CPU than `exponential_` (which `multinomial` uses for one sample).
+    cheaper on CPU than `exponential_` (which `multinomial` uses for one sample). With a list of
+    B generators, generator b draws the noise of rows `b*N/B ... (b+1)*N/B - 1` only.
     """
-    neg_gumbel = torch.empty_like(logits).uniform_(generator=generator).log_().neg_().log_()  # [N, V]
+    if isinstance(generator, (list, tuple)):
+        rows = logits.shape[0] // len(generator)
+        if rows * len(generator) != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} rows cannot be split evenly over {len(generator)} generators")
+        uniform = torch.cat([logits.new_empty(rows, logits.shape[-1]).uniform_(generator=g) for g in generator])  # [N, V]
+    else:
+        uniform = torch.empty_like(logits).uniform_(generator=generator)  # [N, V]
+    neg_gumbel = uniform.log_().neg_().log_()
     return (logits - neg_gumbel).argmax(-1)
 
 
