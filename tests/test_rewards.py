@@ -338,9 +338,11 @@ import sys, threading, time
 from r1_lightning.rewards import Accuracy
 from r1_lightning.rewards.accuracy import _verify_sample
 reward = Accuracy(timeout=600.0, num_workers=2)
-# Started from a thread that then exits: the workers must outlive it (they are tied to the spawner thread).
-starter = threading.Thread(target=lambda: reward(["\\\\boxed{1}"], prompts=["p"], answer=["1"]))
-starter.start(); starter.join()
+if sys.argv[1] == "exit":  # started from a thread that then exits: the workers must outlive it
+    starter = threading.Thread(target=lambda: reward(["\\\\boxed{1}"], prompts=["p"], answer=["1"]))
+    starter.start(); starter.join()
+else:  # started from the main thread, which asks Linux to kill them with the parent
+    reward(["\\\\boxed{1}"], prompts=["p"], answer=["1"])
 print(" ".join(str(w.process.pid) for w in reward._pool._workers), flush=True)
 if sys.argv[1] == "busy":  # one worker stuck in sympy, in a C call that cannot check on its parent
     threading.Thread(target=lambda: reward(["PATHOLOGICAL"], prompts=["p"], answer=["1"]), daemon=True).start()
@@ -369,7 +371,7 @@ def test_accuracy_workers_never_outlive_their_parent(tmp_path, ending):
         assert len(pids) == 2 and all(map(_alive, pids))
         if ending == "busy":
             assert parent.stdout.readline().strip() == "ready"
-            assert all(map(_alive, pids))  # both survived the thread that started them
+            assert all(map(_alive, pids))  # both alive while the parent is
             parent.send_signal(signal.SIGKILL)
         assert parent.wait(timeout=120) in (0, -signal.SIGKILL)
         assert _wait_until_gone(pids) == []

@@ -6,12 +6,14 @@ pathological expression, and a thread cannot be stopped; signal-based timeouts
 process can always be killed, from any thread.
 
 No worker outlives its parent: workers are killed at a timeout (and reaped), when the pool
-is closed or garbage collected, and at interpreter exit (daemon processes). If the parent is
-killed outright (SIGKILL, the OOM killer), Linux kills the workers too (`PR_SET_PDEATHSIG`),
-even one stuck in a long C call that could not check on its parent; elsewhere an idle worker
-notices within a second. The death signal fires when the *thread* that started the worker
-exits, so every worker is started from one long-lived spawner thread, never from the
-caller's thread (which may be a short-lived reward thread).
+is closed or garbage collected, and at interpreter exit (daemon processes); an idle worker
+whose parent died exits within a second. A worker also asks Linux to SIGKILL it when its parent
+dies (`PR_SET_PDEATHSIG`), even while stuck in a long C call that could not check on its parent.
+The death signal follows the *thread* that forked the worker, so workers are forked by the main
+thread, or, when a pool is used from another (possibly short-lived) thread, by a forkserver
+process (which exits with us). Forking from a non-main thread is avoided for a second reason: in
+a process busy with torch such a child crashed while starting (SIGSEGV, reproducibly after ~450
+tests of the suite; root cause not found).
 """
 
 from __future__ import annotations
@@ -27,26 +29,11 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, NamedTuple
 
 _READY = "ready"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_SPAWNERS: dict[int, ThreadPoolExecutor] = {}  # pid -> the thread that starts its workers
-_SPAWNERS_LOCK = threading.Lock()
-
-
-def _spawner() -> ThreadPoolExecutor:
-    """This process's spawner thread (see the module docstring); lives until interpreter exit.
-
-    Keyed by pid: a forked child inherits the executor object but not its thread.
-    """
-    with _SPAWNERS_LOCK:
-        pid = os.getpid()
-        if pid not in _SPAWNERS:
-            _SPAWNERS[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1-lightning-spawner")
-        return _SPAWNERS[pid]
 
 
 class Outcome(NamedTuple):
@@ -71,9 +58,9 @@ def _load_prctl() -> Callable[..., int] | None:
 _PRCTL = _load_prctl()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """In a worker: have Linux SIGKILL it when the parent's spawner thread (so the parent) dies."""
-    if _PRCTL is not None:
+def _die_with_parent(parent_pid: int, death_signal: bool) -> None:
+    """In a worker: have Linux SIGKILL it when the parent's main thread (so the parent) dies."""
+    if death_signal and _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(0)
@@ -84,10 +71,12 @@ def _parent_of_worker(ctx: Any) -> int:
     return os.getpid() if ctx.get_start_method() != "forkserver" else -1
 
 
-def _serve(conn: Connection, fn: Callable[..., Any], initializer: Callable[[], None] | None, parent_pid: int) -> None:
+def _serve(
+    conn: Connection, fn: Callable[..., Any], initializer: Callable[[], None] | None, parent_pid: int, death_signal: bool
+) -> None:
     if parent_pid < 0:
         parent_pid = os.getppid()
-    _die_with_parent(parent_pid)
+    _die_with_parent(parent_pid, death_signal)
     if initializer is not None:
         initializer()
     conn.send(_READY)
@@ -118,10 +107,18 @@ _START_ATTEMPTS = 3  # a worker that crashes while starting is started again, th
 class _Worker:
     def __init__(self, ctx: Any, fn: Callable[..., Any], initializer: Callable[[], None] | None) -> None:
         self.conn, child_conn = ctx.Pipe()
+        if threading.current_thread() is not threading.main_thread() and ctx.get_start_method() == "fork":
+            # A child forked by a non-main thread of a process busy with torch crashed while starting
+            # (SIGSEGV, reproducibly after ~450 tests): from other threads, workers come from a forkserver.
+            ctx = mp.get_context("forkserver")
+        # Ask Linux to kill the worker with its parent, unless the parent is a short-lived thread of ours
+        # (the signal follows the forking thread): our main thread, or the forkserver's.
+        death_signal = threading.current_thread() is threading.main_thread() or ctx.get_start_method() == "forkserver"
         self.process = ctx.Process(
-            target=_serve, args=(child_conn, fn, initializer, _parent_of_worker(ctx)), daemon=True, name="r1-lightning-worker"
+            target=_serve, args=(child_conn, fn, initializer, _parent_of_worker(ctx), death_signal),
+            daemon=True, name="r1-lightning-worker",
         )
-        _spawner().submit(self.process.start).result()
+        self.process.start()
         child_conn.close()
 
     def wait_ready(self, timeout: float) -> None:
