@@ -8,15 +8,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from r1_lightning.data.resumable import (
-    ResumableSampler,
-    check_position,
-    count_training_batch,
-    forget_stale_train_loader,
-    position_state,
-    resumable_train_loader,
-    run_seed,
-)
+from r1_lightning.data.resumable import TrainPosition, run_seed
 from r1_lightning.data.sources import DataError, RowSource, load_rows, require_columns
 from r1_lightning.data.tasks import ArithmeticTask
 from r1_lightning.errors import ConfigError
@@ -82,8 +74,7 @@ class PromptDataModule(L.LightningDataModule):
         self.task = task or ArithmeticTask()
         self.tokenizer = tokenizer
         self.examples: dict[str, list[dict[str, Any]]] = {}
-        self._train_sampler: ResumableSampler | None = None
-        self._resume_position: dict[str, int] | None = None  # from a checkpoint, for the next train_dataloader()
+        self._position = TrainPosition()  # the training loader's position, saved in checkpoints
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -137,27 +128,19 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        loader = resumable_train_loader(
-            self.examples["train"], hp.batch_size, hp.shuffle, run_seed(hp.shuffle_seed), self.trainer, collate_prompts,
-            hp.num_workers, self._resume_position,
-        )
-        self._train_sampler, self._resume_position = loader.sampler, None
-        return loader
+        return self._position.loader(self.examples["train"], hp.batch_size, hp.shuffle, run_seed(hp.shuffle_seed), self.trainer, collate_prompts, hp.num_workers)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        count_training_batch(self._train_sampler, self.trainer)
+        self._position.count_batch(self.trainer)
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        return position_state(self._train_sampler, len(self.examples.get("train", [])), world)
+        return self._position.state_dict(self.trainer, len(self.examples.get("train", [])))
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        world = self.trainer.world_size if self.trainer is not None else 1
         train = self.examples.get("train")
         count = None if train is None else len(train)  # None: not loaded yet
-        self._resume_position = check_position(state_dict, count, world, f"path={self.hparams.path!r}")
-        forget_stale_train_loader(self.trainer)
+        self._position.load_state_dict(state_dict, self.trainer, count, f"path={self.hparams.path!r}")
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.hparams.val_batch_size or self.hparams.batch_size, False) if self.examples.get("val") else []

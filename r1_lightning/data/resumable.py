@@ -162,3 +162,36 @@ def forget_stale_train_loader(trainer: Any) -> None:
     fit_loop = getattr(trainer, "fit_loop", None)
     if fit_loop is not None and getattr(fit_loop, "_combined_loader", None) is not None:
         fit_loop._combined_loader = None
+
+
+class TrainPosition:
+    """A data module's training position: the live sampler, and a position restored from a checkpoint
+    that the next ``loader`` starts from. The data modules delegate their resume hooks to it.
+
+    Example:
+        >>> self.position = TrainPosition()                                   # __init__
+        >>> return self.position.loader(examples, 16, True, 0, self.trainer, collate, 0)  # train_dataloader
+    """
+
+    def __init__(self) -> None:
+        self.sampler: ResumableSampler | None = None
+        self.pending: dict[str, int] | None = None
+
+    def loader(self, dataset: Any, batch_size: int, shuffle: bool, seed: int, trainer: Any, collate_fn, num_workers: int) -> DataLoader:
+        loader = resumable_train_loader(dataset, batch_size, shuffle, seed, trainer, collate_fn, num_workers, self.pending)
+        self.sampler, self.pending = loader.sampler, None
+        return loader
+
+    def count_batch(self, trainer: Any) -> None:
+        count_training_batch(self.sampler, trainer)
+
+    def state_dict(self, trainer: Any, num_examples: int) -> dict[str, int]:
+        return position_state(self.sampler, num_examples, _world_size(trainer))
+
+    def load_state_dict(self, state: dict[str, int], trainer: Any, num_examples: int | None, source: str) -> None:
+        self.pending = check_position(state, num_examples, _world_size(trainer), source)
+        forget_stale_train_loader(trainer)
+
+
+def _world_size(trainer: Any) -> int:
+    return trainer.world_size if trainer is not None else 1
