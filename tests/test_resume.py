@@ -9,139 +9,26 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
-import random
-import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-import lightning as L
-import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from conftest import cli_env, run_cli
-from r1_lightning import ColdStartDataModule, Distillation, PolicySFT, PromptDataModule
-from r1_lightning.checkpoint import AtomicCheckpointIO, atomic_save, load_checkpoint_file, resolve_checkpoint
+from r1_lightning import ColdStartDataModule, Distillation
+from r1_lightning.checkpoint import load_checkpoint_file
 from r1_lightning.cli import main
 from r1_lightning.data.resumable import ResumableSampler
-from r1_lightning.errors import ConfigError
-from r1_lightning.policy import LoraSettings, load_tokenizer
-from r1_lightning.resume import load_resume_state, save_rng_states
 
-QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False, logger=False)
+from resume_helpers import _assert_same_run, _fit_with_interruptions, _prompt_run, _sft_run
 
-
-class _Interrupted(Exception):
-    """Stands in for a kill between two steps (the subprocess test uses a real SIGKILL)."""
-
-
-class _StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            raise _Interrupted
-
-
-class _Record(Callback):
-    """Per step: the loss, the batch's samples, and draws from every global RNG (as dropout or a user reward would make)."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        samples = batch["indices"] if "indices" in batch else [tuple(ids) for ids in batch["prompt_ids"]]
-        draws = (torch.rand(1).item(), random.random(), float(np.random.rand()))
-        self.steps.append({"epoch": trainer.current_epoch, "samples": list(samples), "draws": draws})
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.steps[-1]["loss"] = float(loss) if loss is not None else None
-
-
-class _LateRestore(SingleDeviceStrategy):
-    """Restores the checkpoint after setting up, as FSDP, ModelParallel and DeepSpeed do."""
-
-    @property
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True
-
-
-def _trainer(
-    ckpt_dir: Path, max_steps: int, *callbacks: Callback, late_restore: bool = False, max_epochs: int | None = None
-) -> L.Trainer:
-    """Checkpoints after every step. With ``max_epochs`` (and ``max_steps=-1``) ``configure_optimizers``
-    asking for ``estimated_stepping_batches`` builds the training loader before a checkpoint is restored."""
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, save_last=True)
-    strategy = _LateRestore(torch.device("cpu")) if late_restore else "auto"
-    return L.Trainer(
-        max_steps=max_steps, max_epochs=max_epochs, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=ckpt_dir.parent,
-        callbacks=[*callbacks, checkpoint], plugins=[AtomicCheckpointIO()], strategy=strategy, **QUIET,
-    )
-
-
-def _fit_with_interruptions(
-    make, tmp_path: Path, max_steps: int, stops: list[int], late_restore: bool = False, max_epochs: int | None = None
-) -> tuple[list[dict], L.LightningModule]:
-    """Fit to ``max_steps``, interrupted after each step in ``stops`` and resumed with ckpt_path='last'."""
-    recorder, ckpt_dir = _Record(), tmp_path / "checkpoints"
-    module = None
-    for i, stop in enumerate([*stops, None]):
-        L.seed_everything(0)  # a fresh process: only the checkpoint carries the state on
-        module, data = make()
-        callbacks = [recorder] if stop is None else [_StopAt(stop), recorder]
-        trainer = _trainer(ckpt_dir, max_steps, *callbacks, late_restore=late_restore, max_epochs=max_epochs)
-        ckpt_path = resolve_checkpoint(trainer, "last") if i else None
-        if stop is None:
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        else:
-            with pytest.raises(_Interrupted):
-                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return recorder.steps, module
-
-
-def _assert_same_run(resumed: list[dict], uninterrupted: list[dict]) -> None:
-    assert [s["samples"] for s in resumed] == [s["samples"] for s in uninterrupted]
-    assert [s["epoch"] for s in resumed] == [s["epoch"] for s in uninterrupted]
-    assert [s["draws"] for s in resumed] == [s["draws"] for s in uninterrupted]
-    torch.testing.assert_close([s["loss"] for s in resumed], [s["loss"] for s in uninterrupted], rtol=0, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- data position
-class _PromptReader(L.LightningModule):
-    """The smallest module a PromptDataModule feeds; like the real ones it asks for the step count early."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokenizer = load_tokenizer("builtin:tiny")
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-
-    def training_step(self, batch, batch_idx):
-        return (self.weight - len(batch["indices"])).pow(2).sum()
-
-    def configure_optimizers(self):
-        assert self.trainer.estimated_stepping_batches > 0  # as the real modules do
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def on_save_checkpoint(self, checkpoint):  # what any module can do to resume its RNG
-        save_rng_states(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint):
-        load_resume_state(self, checkpoint)
-
-
-def _prompt_run():
-    return _PromptReader(), PromptDataModule(num_samples=10, batch_size=3, max_prompt_length=64, shuffle_seed=5)
 
 
 @pytest.mark.parametrize(
@@ -187,10 +74,6 @@ def test_sampler_splits_and_resumes_like_distributed_sampler() -> None:
 
 
 # ------------------------------------------------------------------ SFT and distillation, in process
-def _sft_run():
-    module = PolicySFT("builtin:tiny", learning_rate=1e-2, warmup_steps=2, export_hf=False)
-    return module, ColdStartDataModule(num_samples=10, num_val_samples=2, batch_size=4, max_length=160)
-
 
 def _distillation_run():
     # Half of every batch is sampled from the student (seeded generators), the other half is teacher-written.
@@ -336,6 +219,22 @@ def _logged_steps(path: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
+def _fit_killed_at(config: Path, checkpoint: Path, cwd: Path) -> subprocess.Popen:
+    """Run ``r1-lightning fit`` and SIGKILL its whole process group (every rank) once ``checkpoint`` exists
+    (it is complete once it has its name)."""
+    command = [sys.executable, "-m", "r1_lightning", "fit", "--config", str(config)]
+    log = cwd / f"{checkpoint.parent.name}.stderr"  # a file, not a pipe: a full pipe would stall the run
+    with log.open("w") as stderr:
+        job = subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    return job
+
+
 @pytest.mark.slow
 def test_grpo_killed_after_a_checkpoint_resumes_exactly(tmp_path) -> None:
     # 6 prompts in batches of 2: 3 steps per epoch, 6 steps; the reference is refreshed every 2 steps.
@@ -343,14 +242,7 @@ def test_grpo_killed_after_a_checkpoint_resumes_exactly(tmp_path) -> None:
     assert full.returncode == 0, full.stderr[-3000:]
 
     ckpt_dir, killed_after = tmp_path / "ckpt_b", 2
-    command = [sys.executable, "-m", "r1_lightning", "fit", "--config", str(_grpo_config(tmp_path, "killed", ckpt_dir))]
-    child = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not (ckpt_dir / f"epoch=0-step={killed_after}.ckpt").exists():  # complete once it has its name
-        assert child.poll() is None and time.monotonic() < deadline, child.stderr.read().decode()[-3000:]
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    child = _fit_killed_at(_grpo_config(tmp_path, "killed", ckpt_dir), ckpt_dir / f"epoch=0-step={killed_after}.ckpt", tmp_path)
     assert child.returncode == -signal.SIGKILL and not (tmp_path / "logs" / "killed" / "hf_model").exists()
 
     resumed = run_cli(["fit", "--config", _grpo_config(tmp_path, "resumed", ckpt_dir), "--ckpt_path", "last"], cwd=tmp_path)
@@ -413,16 +305,7 @@ def test_ddp_job_killed_on_every_rank_resumes_exactly(tmp_path) -> None:
     full = run_cli(["fit", "--config", config("uninterrupted", tmp_path / "ckpt_a")], cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     ckpt_dir = tmp_path / "ckpt_b"
-    command = [sys.executable, "-m", "r1_lightning", "fit", "--config", str(config("killed", ckpt_dir))]
-    job = subprocess.Popen(
-        command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 240
-    while not (ckpt_dir / "epoch=0-step=2.ckpt").exists():
-        assert job.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)  # rank 0 and the rank 1 it launched
-    job.wait()
+    _fit_killed_at(config("killed", ckpt_dir), ckpt_dir / "epoch=0-step=2.ckpt", tmp_path)  # rank 0 and the rank 1 it launched
     checkpoint = load_checkpoint_file(ckpt_dir / "epoch=0-step=2.ckpt")
     assert len(checkpoint["r1_rng_states"]) == 2 and checkpoint["ColdStartDataModule"]["world_size"] == 2
 
@@ -435,171 +318,3 @@ def test_ddp_job_killed_on_every_rank_resumes_exactly(tmp_path) -> None:
     final, reference = (load_file(tmp_path / "logs" / v / "hf_model" / "model.safetensors") for v in ("resumed", "uninterrupted"))
     for name in reference:
         torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-6, msg=name)
-
-
-# ------------------------------------------------------------------------- atomic checkpoints
-def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path) -> None:
-    path = tmp_path / "checkpoints" / "last.ckpt"
-    atomic_save({"global_step": 1, "state_dict": {"w": torch.zeros(3)}}, path)
-    script = textwrap.dedent(f"""
-        import os, time, torch
-        from pathlib import Path
-        from r1_lightning.checkpoint import atomic_save
-
-        def stall(fd):  # the new bytes are written, not yet renamed into place: the kill comes now
-            print("writing", flush=True)
-            time.sleep(600)
-
-        os.fsync = stall
-        atomic_save({{"global_step": 2, "state_dict": {{"w": torch.ones(1_000_000)}}}}, Path({str(path)!r}))
-    """)
-    child = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "writing"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    (partial,) = path.parent.glob(".last.ckpt.tmp-*")
-    assert partial.stat().st_size > 4_000_000  # the new checkpoint was being written beside the old one
-    trainer = L.Trainer(callbacks=[ModelCheckpoint(dirpath=path.parent)], **QUIET)
-    assert resolve_checkpoint(trainer, "last") == str(path)
-    assert load_checkpoint_file(path)["global_step"] == 1  # the old checkpoint, whole
-
-
-def test_last_skips_a_truncated_checkpoint_and_names_the_one_it_resumes(tmp_path, caplog) -> None:
-    _fit_with_interruptions(_prompt_run, tmp_path, 3, [])
-    ckpt_dir = tmp_path / "checkpoints"
-    for offset, name in enumerate(["epoch=0-step=3.ckpt", "last.ckpt"]):  # the two newest, cut short (a writer killed mid-copy)
-        data = (ckpt_dir / name).read_bytes()
-        (ckpt_dir / name).write_bytes(data[: len(data) // 2])
-        os.utime(ckpt_dir / name, (time.time() + 10 + offset,) * 2)
-    L.seed_everything(0)
-    module, data = _prompt_run()
-    recorder = _Record()
-    trainer = _trainer(ckpt_dir, 6, recorder)
-    skipped = "skipping a checkpoint that does not load.*not a complete"
-    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match=skipped):
-        path = resolve_checkpoint(trainer, "last")
-    assert Path(path).name == "epoch=0-step=2.ckpt"
-    assert f"Resuming from {path} (global step 2, epoch 0)" in caplog.text
-    trainer.fit(module, datamodule=data, ckpt_path=path)
-    assert trainer.global_step == 6 and len(recorder.steps) == 4
-
-
-def test_last_takes_a_complete_sharded_directory_and_skips_an_incomplete_one(tmp_path) -> None:
-    # FSDP / ModelParallel write a directory: shards, their index `.metadata` (written last) and meta.pt.
-    ckpt_dir = tmp_path / "checkpoints"
-    complete, partial = ckpt_dir / "epoch=0-step=4.ckpt", ckpt_dir / "last.ckpt"
-    for offset, directory in enumerate((complete, partial)):
-        directory.mkdir(parents=True)
-        torch.save({"global_step": 4 + offset, "epoch": 0}, directory / "meta.pt")
-        os.utime(directory, (time.time() + offset,) * 2)
-    (complete / ".metadata").write_bytes(b"index")
-    trainer = L.Trainer(callbacks=[ModelCheckpoint(dirpath=ckpt_dir)], **QUIET)
-    with pytest.warns(UserWarning, match="last.ckpt'?: a directory but not a complete sharded checkpoint"):
-        assert resolve_checkpoint(trainer, "last") == str(complete)
-
-
-# -------------------------------------------------------------------------------- safe loading
-class _RunsCode:
-    """Unpickling this runs code: it writes ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
-
-
-def test_a_checkpoint_whose_pickle_runs_code_is_refused_before_it_runs(tmp_path) -> None:
-    marker, path = tmp_path / "marker", tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "global_step": 3, "payload": _RunsCode(marker)}, path)
-    torch.load(path, weights_only=False)  # the payload is real: an unsafe load runs it
-    assert marker.read_text() == "ran"
-    marker.unlink()
-    with pytest.raises(ConfigError, match=r"evil\.ckpt'?: refused to load.*Unsupported global: GLOBAL exec\)"):
-        load_checkpoint_file(path)
-    with pytest.raises(ConfigError, match="refused to load"):
-        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)  # our IO loads weights_only whatever it is asked
-    assert not marker.exists()
-
-
-def _sft_config(tmp_path: Path) -> Path:
-    path = tmp_path / "sft.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        trainer:
-          accelerator: cpu
-          devices: 1
-          max_steps: 2
-          logger: false
-          default_root_dir: {tmp_path / 'run'}
-          enable_progress_bar: false
-          callbacks:
-            - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-              init_args: {{save_last: true}}
-        model:
-          class_path: r1_lightning.PolicySFT
-        data:
-          class_path: r1_lightning.ColdStartDataModule
-          init_args: {{num_samples: 4, num_val_samples: 2, batch_size: 2}}
-    """))
-    return path
-
-
-def test_cli_refuses_bad_checkpoints_in_one_line_and_leaves_earlier_outputs(tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["r1-lightning"])  # LightningCLI warns when args and pytest's argv differ
-    config, run = _sft_config(tmp_path), tmp_path / "run"
-    (run / "hf_model").mkdir(parents=True)
-    (run / "hf_model" / "config.json").write_text("{}")  # an earlier run's output
-    truncated, evil, marker = tmp_path / "truncated.ckpt", tmp_path / "evil.ckpt", tmp_path / "marker"
-    torch.save({"state_dict": {"w": torch.ones(1000)}}, truncated)
-    truncated.write_bytes(truncated.read_bytes()[:2000])
-    torch.save({"payload": _RunsCode(marker)}, evil)
-    cases = {
-        str(tmp_path / "missing.ckpt"): "missing.ckpt'?: no such file",
-        str(truncated): "truncated.ckpt'?: not a complete PyTorch checkpoint",
-        str(tmp_path): "a directory but not a complete sharded checkpoint",
-        str(evil): "evil.ckpt'?: refused to load",
-        "last": r"ckpt_path='last': no complete checkpoint in .*run.checkpoints",
-    }
-    for ckpt_path, message in cases.items():
-        with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", str(config), "--ckpt_path", ckpt_path])
-        err = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 1 and len(err.splitlines()) == 1, err
-        assert err.startswith("r1-lightning: error: ckpt_path=") and re.search(message, err), err
-    assert not marker.exists()
-    assert sorted(p.name for p in run.iterdir()) == ["hf_model"] and (run / "hf_model" / "config.json").read_text() == "{}"
-
-
-def test_resume_with_another_world_size_is_refused(tmp_path) -> None:
-    _fit_with_interruptions(_sft_run, tmp_path, 2, [])
-    path = tmp_path / "checkpoints" / "last.ckpt"
-    checkpoint = load_checkpoint_file(path)
-    checkpoint["r1_rng_states"] = checkpoint["r1_rng_states"] * 2  # as if 2 processes had saved it
-    checkpoint["ColdStartDataModule"]["world_size"] = 2
-    atomic_save(checkpoint, path)
-    with pytest.raises(ConfigError, match=r"last\.ckpt'?: saved by 2 processes, and this run has 1"):
-        _trainer(tmp_path / "checkpoints", 4).fit(*_sft_run(), ckpt_path=str(path))
-    del checkpoint["r1_rng_states"]  # the data position alone cannot move to another world size either
-    atomic_save(checkpoint, path)
-    with pytest.raises(ConfigError, match="path=None: the checkpoint was saved by 2 processes and this run has 1: the data"):
-        _trainer(tmp_path / "checkpoints", 4).fit(*_sft_run(), ckpt_path=str(path))
-
-
-def test_checkpoints_with_lora_settings_load_weights_only(tmp_path) -> None:
-    pytest.importorskip("peft")
-    module = PolicySFT("builtin:tiny", lora=LoraSettings(r=2, alpha=4), export_hf=False)
-    data = ColdStartDataModule(num_samples=2, num_val_samples=2, batch_size=2, max_length=160)
-    _trainer(tmp_path / "checkpoints", 1).fit(module, datamodule=data)
-    checkpoint = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")  # weights_only=True
-    assert checkpoint["hyper_parameters"]["lora"] == LoraSettings(r=2, alpha=4)
-    assert len(checkpoint["r1_rng_states"]) == 1 and "ColdStartDataModule" in checkpoint
-
-
-def test_remote_code_is_off_by_default() -> None:
-    import inspect
-
-    from r1_lightning import GRPO
-    from r1_lightning.policy import load_model
-
-    for target in (PolicySFT, GRPO, Distillation, load_model, load_tokenizer):
-        assert inspect.signature(target).parameters["trust_remote_code"].default is False, target
