@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +57,7 @@ def generate_and_score(
     prompts = [p for p in prompt_ids for _ in range(num_samples)]
     # None (reference not parsable) stays None: the metrics leave such prompts out rather than count a 0.
     # An answer math-verify could not check in time (a FailedScore) is not credited.
-    scores = Accuracy()(texts, prompts=prompts, answer=repeated)
+    scores = _accuracy()(texts, prompts=prompts, answer=repeated)
     correct = [None if c is None else 0.0 if isinstance(c, FailedScore) else float(c) for c in scores]
     formatted = [float(f) for f in LenientFormat()(texts, prompts=prompts)]
     answers = [_normalise(extract_answer(t)) for t in texts]
@@ -66,6 +68,12 @@ def generate_and_score(
         return [values[i : i + num_samples] for i in range(0, len(values), num_samples)]
 
     return Scored(by_prompt(texts), by_prompt(answers), by_prompt(correct), by_prompt(formatted), by_prompt(reasoning_lengths))
+
+
+@functools.cache
+def _accuracy() -> Accuracy:
+    # One per process: its math-verify worker processes then start once, not at every validation batch.
+    return Accuracy()
 
 
 def _normalise(answer: str | None) -> str | None:
