@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--systems", default="ours,trl", help="which systems to run (comma-separated; for profiling)")
     p.add_argument("--no-generation", action="store_true", help="skip the rollout-engine vs model.generate timing")
+    p.add_argument(
+        "--no-compile", action="store_true",
+        help="run our training forwards eagerly (default: GRPO(compile=True), compiled decoder layers; see benchmarks/README.md)",
+    )
     p.add_argument("--workdir", default=None, help="keep the model, prompts and run logs here")
     p.add_argument("--role", default="main", choices=["main", "build", "ours", "trl", "generation"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -145,6 +149,7 @@ def _step_summary(
         "tokens_per_s": sum(n) / sum(t),
         "completion_tokens_per_s": sum(c) / sum(t),
         "tokens_per_step": sum(n) / len(n),
+        "first_step_s": times[0],
         "cpu_s_per_step": statistics.median(cpu),
         "tokens_per_cpu_s": sum(n) / sum(cpu),
         "step_times": [round(x, 4) for x in times],
@@ -239,6 +244,7 @@ def run_ours(args) -> None:
         model_name_or_path=str(work / "model"), rewards=[digit_reward], num_generations=args.num_generations,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=args.beta, learning_rate=args.lr,
         weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0, export_hf=False, seed=args.seed,
+        compile=not args.no_compile,
     )
     data = PromptDataModule(
         path=str(work / "prompts.jsonl"), batch_size=args.prompts, max_prompt_length=args.max_prompt_length, shuffle=False,
@@ -251,10 +257,17 @@ def run_ours(args) -> None:
     )
     trainer.fit(module, datamodule=data)
     summary = _step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup, timer.cpu_times)
-    result = {"system": "ours", **summary, **memory.stop()}
+    result = {"system": "ours", **summary, **memory.stop(), "compiled": _compiled_forward_used()}
     if args.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     _emit(result)
+
+
+def _compiled_forward_used() -> bool:
+    """Whether our training forwards ran compiled (not asked for, or fell back after a compiler error: False)."""
+    from r1_lightning.rl import compiled_forward
+
+    return bool(compiled_forward._COMPILED) and not compiled_forward._FAILED
 
 
 # ------------------------------------------------------------------------------------- TRL
@@ -384,6 +397,8 @@ def _child(args, role: str) -> dict:
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.vocab:
         argv += ["--vocab", str(args.vocab)]
+    if args.no_compile:
+        argv.append("--no-compile")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     repo = str(Path(__file__).resolve().parents[1])
@@ -421,7 +436,10 @@ def _machine(args) -> dict:
 
 
 def _aggregate(runs: list[dict]) -> dict:
-    keys = ("s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "cpu_s_per_step", "tokens_per_cpu_s")
+    keys = (
+        "s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "first_step_s", "cpu_s_per_step",
+        "tokens_per_cpu_s",
+    )
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
     out["rss_at_first_step_mib"] = statistics.median(r["rss_at_first_step_mib"] for r in runs)
@@ -441,6 +459,7 @@ def _table(result: dict) -> str:
         ("peak RSS (MiB)", "peak_rss_mib", "{:,.0f}"),
         ("CPU s / step (median)", "cpu_s_per_step", "{:.3f}"),
         ("tokens / CPU-s", "tokens_per_cpu_s", "{:,.0f}"),
+        ("first step (s, warm-up)", "first_step_s", "{:.1f}"),
     ]
     if "peak_cuda_mib" in ours:
         rows.append(("peak CUDA allocated (MiB)", "peak_cuda_mib", "{:,.0f}"))
@@ -493,7 +512,7 @@ def main(args) -> dict:
         if len(systems) == 2:
             keys = (
                 "s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "peak_rss_mib",
-                "rss_at_first_step_mib", "cpu_s_per_step", "tokens_per_cpu_s",
+                "rss_at_first_step_mib", "cpu_s_per_step", "tokens_per_cpu_s", "first_step_s",
             )
             ratios = {k: result["ours"][k] / result["trl"][k] for k in keys}
             if "peak_cuda_mib" in result["ours"]:

@@ -17,7 +17,6 @@ The tokenizer itself is never changed: no tokens are added.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +243,7 @@ def token_logprobs(
     chunk_size: int = 1024,
     return_entropy: bool = False,
     prompt_length: int | None = None,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the tokens marked by ``target_mask``, never materialising [B, T, V] logits.
 
@@ -255,6 +255,8 @@ def token_logprobs(
         prompt_length: Width P of a prompt block that consecutive rows may share (GRPO's G
             completions of a prompt): each distinct prompt then runs once, and the rest of the rows
             in length buckets that skip the padding after the last target (``shared_prefix_hidden``).
+        compile: Run those passes through ``torch.compile``d decoder layers where the model allows
+            (``r1_lightning.rl.compiled_forward``); otherwise, and without ``prompt_length``, the model's forward.
 
     Returns:
         ``(logprobs, entropy)``: [B, T] float32, zero where ``target_mask`` is False; ``entropy``
@@ -265,13 +267,14 @@ def token_logprobs(
     # Body and head are called separately: under FSDP2 the root unit (embeddings, norm, head) is gathered around both.
     return run_gathered(
         model, _token_logprobs, model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size,
-        return_entropy, prompt_length,
+        return_entropy, prompt_length, compile,
     )
 
 
 def _token_logprobs(
-    model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length
+    model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from r1_lightning.rl.compiled_forward import compiled_layers
     from r1_lightning.rl.logprobs import chunked_token_logprobs, shared_prefix_hidden
 
     backbone, head = backbone_and_head(model)
@@ -280,7 +283,8 @@ def _token_logprobs(
         # Position t predicts token t+1: a row needs suffix positions up to its last target - 1.
         last_target = (target_mask * torch.arange(target_mask.shape[1], device=target_mask.device)).amax(-1)  # [B]
         needed = (last_target - prompt_length).clamp(min=0)
-        hidden = shared_prefix_hidden(backbone, input_ids, attention_mask, position_ids, prompt_length, needed)
+        layers = compiled_layers(unwrap_model(model)) if compile else None
+        hidden = shared_prefix_hidden(backbone, input_ids, attention_mask, position_ids, prompt_length, needed, layers)
     if hidden is None:
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = target_mask[:, 1:]  # [B, T-1]: position t predicts token t+1

@@ -27,5 +27,6 @@ def test_quick_benchmark_prints_a_parsable_json_summary(tmp_path):
         assert result[system]["tokens_per_s"] > 0 and result[system]["peak_rss_mib"] > 0
     assert {"s_per_step", "tokens_per_s", "peak_rss_mib"} <= result["ratios"].keys()
     assert {"ours_tokens_per_s", "generate_tokens_per_s", "ratio"} <= result["generation"].keys()
+    assert all(run["compiled"] for run in result["ours"]["runs"])  # GRPO(compile=True) ran compiled, no fallback
     # Identical work: same prompts per step, G and token budget on both sides.
     assert result["config"]["quick"] and result["config"]["prompts"] * result["config"]["num_generations"] == 64

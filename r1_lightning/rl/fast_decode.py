@@ -65,6 +65,26 @@ def fast_decode_step(model: nn.Module, cache, attention_mask: Tensor) -> DecodeS
 
 def unsupported_reason(model: nn.Module, cache, attention_mask: Tensor) -> str | None:
     """Why `fast_decode_step` would fall back to the Hugging Face forward, or None if it would not."""
+    reason = model_unsupported_reason(model)
+    if reason is not None:
+        return reason
+    if sum(p.numel() * p.element_size() for p in model.parameters()) > MAX_WEIGHT_BYTES:
+        return f"weights over {MAX_WEIGHT_BYTES >> 20} MiB (a decode step is arithmetic, not overhead, there)"
+    from r1_lightning.rl import rollout  # imported here: rollout imports this module
+
+    preallocated, layers = getattr(rollout, "_PreallocatedLayer", None), getattr(cache, "layers", None)
+    if preallocated is None or layers is None or len(layers) != len(model.model.layers) or any(
+        type(layer) is not preallocated for layer in layers
+    ):
+        return "the KV cache is not the rollout engine's preallocated cache"
+    if attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
+        return "the decode mask is not a [N, 1, 1, L] boolean SDPA mask"
+    return None
+
+
+def model_unsupported_reason(model: nn.Module) -> str | None:
+    """Why the plain functions of this module (and `rl.compiled_forward`) cannot stand in for `model`'s
+    forward, or None: the architecture, modules, configuration, parameters, dtype and device checks."""
     family = _family(model)
     if family is None:
         return f"architecture {type(model).__name__} is not one of {sorted(_FAMILIES)}"
@@ -96,17 +116,6 @@ def unsupported_reason(model: nn.Module, cache, attention_mask: Tensor) -> str |
         return f"dtype {dtype} on {device.type} is not tested (tested: {TESTED_DTYPES} on {TESTED_DEVICES})"
     if any(t.device != device for t in parameters + buffers) or any(p.dtype != dtype for p in parameters):
         return "parameters on several devices or in several dtypes"
-    if sum(p.numel() * p.element_size() for p in parameters) > MAX_WEIGHT_BYTES:
-        return f"weights over {MAX_WEIGHT_BYTES >> 20} MiB (a decode step is arithmetic, not overhead, there)"
-    from r1_lightning.rl import rollout  # imported here: rollout imports this module
-
-    preallocated, layers = getattr(rollout, "_PreallocatedLayer", None), getattr(cache, "layers", None)
-    if preallocated is None or layers is None or len(layers) != len(model.model.layers) or any(
-        type(layer) is not preallocated for layer in layers
-    ):
-        return "the KV cache is not the rollout engine's preallocated cache"
-    if attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
-        return "the decode mask is not a [N, 1, 1, L] boolean SDPA mask"
     return None
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -30,6 +31,9 @@ try:
     from transformers.cache_utils import DynamicCache, DynamicLayer
 except ImportError:  # transformers without per-layer caches: no prompt sharing
     DynamicCache = DynamicLayer = None
+
+if TYPE_CHECKING:
+    from r1_lightning.rl.compiled_forward import CompiledLayers
 
 try:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -237,6 +241,7 @@ def shared_prefix_hidden(
     position_ids: Tensor,
     prefix_length: int,
     suffix_lengths: Tensor | None = None,
+    layers: CompiledLayers | None = None,
 ) -> Tensor | None:
     """Final hidden states `[N, L, H]`: each distinct prefix run once, the suffixes in length buckets.
 
@@ -256,6 +261,8 @@ def shared_prefix_hidden(
         prefix_length: P, the width of the (left-padded) prompt block.
         suffix_lengths: `[N]` leading suffix positions whose hidden states are needed (default all
             `L - P`); the others come back as zeros.
+        layers: Run the passes through these compiled decoder layers (`rl.compiled_forward`) instead
+            of the backbone's forward.
 
     Returns:
         `[N, L, H]`, or None where this does not apply or saves nothing (no repeated prefix and no
@@ -275,22 +282,29 @@ def shared_prefix_hidden(
     buckets = length_buckets(lengths, BUCKET_OVERHEAD_TOKENS)
     if first.numel() == n and sum(len(rows) * longest for rows, longest in buckets) == n * suffix:
         return None
-    cache = DynamicCache(config=backbone.config)
-    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [])):
-        return None
-    head = backbone(
-        input_ids=input_ids[first, :prefix_length], attention_mask=attention_mask[first, :prefix_length],
-        position_ids=position_ids[first, :prefix_length], past_key_values=cache, use_cache=True,
-    ).last_hidden_state  # [U, P, H]
+    prompts = input_ids[first, :prefix_length], attention_mask[first, :prefix_length], position_ids[first, :prefix_length]
+    if layers is not None:
+        head, kv = layers.prefix(*prompts)  # [U, P, H], per layer [U, kv, P, D] keys and values
+    else:
+        cache = DynamicCache(config=backbone.config)
+        if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [])):
+            return None
+        head = backbone(
+            input_ids=prompts[0], attention_mask=prompts[1], position_ids=prompts[2], past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # [U, P, H]
     owner = starts.cumsum(0) - 1  # [N] index of each row's prefix
     pieces, order = [], []
     for rows, longest in buckets:
         index = torch.tensor(rows, device=input_ids.device)
-        columns = slice(prefix_length, prefix_length + longest)
-        tail = backbone(
-            input_ids=input_ids[index, columns], attention_mask=attention_mask[index, : prefix_length + longest],
-            position_ids=position_ids[index, columns], past_key_values=_select_rows(cache, owner[index]), use_cache=True,
-        ).last_hidden_state  # [n_b, longest, H]
+        columns, seen = slice(prefix_length, prefix_length + longest), slice(0, prefix_length + longest)
+        if layers is not None:
+            past = [(keys.index_select(0, owner[index]), values.index_select(0, owner[index])) for keys, values in kv]
+            tail = layers.suffix(input_ids[index, columns], attention_mask[index, seen], position_ids[index, columns], past)
+        else:
+            tail = backbone(
+                input_ids=input_ids[index, columns], attention_mask=attention_mask[index, seen],
+                position_ids=position_ids[index, columns], past_key_values=_select_rows(cache, owner[index]), use_cache=True,
+            ).last_hidden_state  # [n_b, longest, H]
         pieces.append(torch.nn.functional.pad(tail, (0, 0, 0, suffix - longest)))  # [n_b, L-P, H]
         order += rows
     skipped = [row for row, length in enumerate(lengths) if length == 0]

@@ -1,0 +1,156 @@
+"""The compiled training forward (`r1_lightning.rl.compiled_forward`) against the Hugging Face forward.
+
+The layer functions run eagerly (`compile=False`) must give the Hugging Face path's hidden states and
+gradients bit for bit on GRPO-shaped rows (left-padded prompts, ragged completions, one empty) for
+Qwen2, Llama (biases, no GQA, head_dim != hidden/heads) and Mistral; compiled, they must agree to
+float rounding (slow: compiling takes a minute on a cold cache). Models the functions do not
+reproduce are refused, and a compiler failure falls back to the eager functions with one warning.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from r1_lightning.policy import LoraSettings, apply_lora, build_builtin_model, token_logprobs
+from r1_lightning.rl import compiled_forward
+from r1_lightning.rl.logprobs import shared_prefix_hidden
+
+VOCAB = 96
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
+
+
+def _qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_attention_heads=4, num_key_value_heads=2))
+
+
+def _llama():
+    return LlamaForCausalLM(LlamaConfig(
+        **SHAPE, num_attention_heads=4, num_key_value_heads=4, head_dim=8, attention_bias=True, mlp_bias=True,
+        tie_word_embeddings=False,
+    ))
+
+
+def _mistral():
+    return MistralForCausalLM(MistralConfig(**SHAPE, num_attention_heads=8, num_key_value_heads=2, sliding_window=None))
+
+
+def _build(factory) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return factory().train()
+
+
+def _rows(vocab: int = VOCAB):
+    """3 prompts (left padding 0, 3, 5) x G = 4 completions of ragged lengths (one empty), as GRPO builds them."""
+    gen = torch.Generator().manual_seed(1)
+    prompt_lengths, G, P, T = [7, 4, 2], 4, 7, 9
+    lengths = torch.tensor([9, 3, 0, 6, 1, 9, 8, 2, 5, 4, 9, 7])
+    prompt_mask = (torch.arange(P) >= P - torch.tensor(prompt_lengths)[:, None]).long().repeat_interleave(G, 0)
+    completion_mask = (torch.arange(T) < lengths[:, None]).long()
+    ids = torch.randint(1, vocab, (3, P), generator=gen).repeat_interleave(G, 0)
+    input_ids = torch.cat([ids, torch.randint(1, vocab, (12, T), generator=gen)], 1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    needed = (lengths - 1).clamp(min=0)  # the last completion token predicts nothing
+    valid = attention_mask.bool().clone()
+    valid[:, P:] &= torch.arange(T) < needed[:, None]
+    return (input_ids, attention_mask, position_ids, P, needed), valid
+
+
+def _hidden_and_grads(model, layers, rows, valid):
+    model.zero_grad(set_to_none=True)
+    hidden = shared_prefix_hidden(model.model, *rows, layers)
+    upstream = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(2))
+    (hidden[valid] * upstream[valid]).sum().backward()
+    return hidden.detach()[valid], {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("factory", [_qwen2, _llama, _mistral], ids=["qwen2", "llama", "mistral"])
+def test_eager_layer_functions_equal_the_hugging_face_forward(factory):
+    model = _build(factory)
+    assert compiled_forward.unsupported_reason(model) is None
+    rows, valid = _rows()
+    expected = _hidden_and_grads(model, None, rows, valid)
+    got = _hidden_and_grads(model, compiled_forward.CompiledLayers(model, compile=False), rows, valid)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert got[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=0, atol=1e-7, msg=name)  # KV grads: head sums in another order
+
+
+def test_prompt_padding_rows_stay_finite():
+    # A left-padding query sees no key; it attends to itself, so nothing turns NaN (a NaN there would
+    # poison every weight gradient through 0 * NaN).
+    model = _build(_qwen2)
+    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
+    hidden, cache = compiled_forward.CompiledLayers(model, compile=False).prefix(input_ids[:, :P], attention_mask[:, :P], position_ids[:, :P])
+    assert torch.isfinite(hidden).all() and all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in cache)
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_the_hugging_face_forward_and_grpo_uses_them():
+    # The benchmark's model shape (builtin:tiny), so inductor's on-disk cache serves the benchmark after this test.
+    model = build_builtin_model("builtin:tiny", vocab_size=VOCAB, seed=0).train()
+    rows, valid = _rows()
+    expected = _hidden_and_grads(model, None, rows, valid)
+    got = _hidden_and_grads(model, compiled_forward.compiled_layers(model), rows, valid)
+    assert not compiled_forward._FAILED
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    for name, grad in expected[1].items():
+        # Inductor sums in other orders: float32 rounding (HF's own float32 gradients are ~1e-4 from float64's here).
+        assert (got[1][name] - grad).norm() <= 1e-4 * grad.norm() + 1e-7, name
+
+    # Through token_logprobs, as GRPO calls it, with and without grad (the reference's pass).
+    input_ids, attention_mask, position_ids, P, _ = rows
+    target_mask = attention_mask.bool().clone()
+    target_mask[:, :P] = False
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode):
+            eager = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)[0]
+            compiled = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P, compile=True)[0]
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_functions_once(monkeypatch):
+    model = _build(_qwen2)
+    rows, valid = _rows()
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(fn.__name__)
+            raise RuntimeError("no C++ compiler\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled_forward, "_COMPILED", {})
+    monkeypatch.setattr(compiled_forward, "_FAILED", [])
+    expected = _hidden_and_grads(model, None, rows, valid)
+    with pytest.warns(UserWarning, match="torch.compile failed .RuntimeError: no C\\+\\+ compiler.; training forwards run eagerly"):
+        got = _hidden_and_grads(model, compiled_forward.CompiledLayers(model), rows, valid)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert calls == ["prefix"]  # tried once, then eager for the rest of the process
+    assert compiled_forward.unsupported_reason(model).startswith("compiling failed earlier in this process: RuntimeError")
+
+
+def test_models_it_does_not_reproduce_are_refused():
+    lora = apply_lora(_build(_qwen2), LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
+    assert "adapters" in compiled_forward.unsupported_reason(lora.get_base_model())
+    assert "sliding-window" in compiled_forward.unsupported_reason(
+        MistralForCausalLM(MistralConfig(**SHAPE, num_attention_heads=8, num_key_value_heads=2, sliding_window=16))
+    )
+    dropout = Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1))
+    assert compiled_forward.unsupported_reason(dropout.train()) == "attention dropout"
+    assert compiled_forward.unsupported_reason(dropout.eval()) is None
+    assert compiled_forward.compiled_layers(dropout.train()) is None
+
+
+def test_grpo_warns_when_compile_cannot_apply():
+    from r1_lightning import GRPO
+
+    module = GRPO(model_name_or_path="builtin:tiny", compile=True, lora=LoraSettings(r=4, target_modules=["q_proj"]), beta=0.0)
+    with pytest.warns(UserWarning, match=r"GRPO\(compile=True\): the training forwards stay eager: module .* is a"):
+        module.configure_model()
