@@ -115,8 +115,9 @@ class GRPO(L.LightningModule):
             the weights' dtype. The reference model is sharded the same way. See ``r1_lightning.parallel``.
         compile: Run the policy's and reference's training forwards through ``torch.compile``d
             decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.rl.compiled_forward``): on the
-            benchmark's tiny model ~X% less time per step after a one-time compile of ~Y s. Needs a
-            C++ compiler; where it does not apply or fails, a warning and the eager forward.
+            benchmark's tiny model 10-20% less time per step, after a one-time compile in the first
+            step (~20 s with inductor's on-disk cache warm, 1-2 min cold), so it pays over a few hundred
+            steps. Needs a C++ compiler; where it does not apply or fails, a warning and the eager forward.
     """
 
     def __init__(
