@@ -533,6 +533,8 @@ def main(args) -> dict:
             }
             print()
             print(_table(result))
+            if not args.no_compile and not all(run.get("compiled") for run in runs["ours"]):
+                print("note: our training forwards ran eagerly (compile=True did not apply or failed; see ours.log)")
         print(json.dumps(result))
         return result
     finally:

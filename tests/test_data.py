@@ -8,7 +8,6 @@ import warnings
 
 import datasets
 import pytest
-import torch
 
 from r1_lightning.data.cold_start import ColdStartDataModule, pack, pad
 from r1_lightning.data.sources import DataError, load_rows

@@ -22,7 +22,7 @@ from r1_lightning.rewards import (
     score_each,
 )
 
-from reward_helpers import NAN, STRICT, score
+from reward_helpers import NAN, STRICT
 
 
 # ---------------------------------------------------------------- names
