@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from r1_lightning.rl.fast_decode import _apply_rotary, _rms_norm, _rotary, model_unsupported_reason
 
 # Per process: the compiled layer functions (built on first use), and why compiling failed, if it did.
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple, object] = {}  # (pass, shape) -> compiled function
 _FAILED: list[str] = []
 
 
