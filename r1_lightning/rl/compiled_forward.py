@@ -13,8 +13,8 @@ The decoder layer is the Hugging Face one written as a plain function (the formu
 `fast_decode`, whole sequences instead of one token, separate Q/K/V and gate/up matmuls so no
 weight is copied) and compiled once per process with dynamic shapes: the policy (with grad) and
 the frozen reference (no grad) share it. The first compile on a machine takes 1-2 min on a 2-core
-CPU (most of it inductor's one-time C++ set-up: one graph instead of two for the two passes saved
-4 s of 114), later processes ~20 s with inductor's on-disk cache warm.
+CPU (most of it inductor's one-time C++ set-up), later processes ~20 s with inductor's on-disk
+cache warm.
 Hidden states equal the Hugging Face forward's to float rounding (tests/test_compiled_forward.py).
 
 It is opt-in (`GRPO(compile=True)`): compilation needs a C++ compiler and only pays over many
