@@ -154,3 +154,6 @@ def test_grpo_warns_when_compile_cannot_apply():
     module = GRPO(model_name_or_path="builtin:tiny", compile=True, lora=LoraSettings(r=4, target_modules=["q_proj"]), beta=0.0)
     with pytest.warns(UserWarning, match=r"GRPO\(compile=True\): the training forwards stay eager: module .* is a"):
         module.configure_model()
+    module = GRPO(model_name_or_path="builtin:tiny", compile=True, gradient_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"stay eager: module model.embed_tokens has forward hooks"):  # HF checkpointing hooks
+        module.configure_model()
