@@ -437,6 +437,25 @@ def test_timeout_pool_reports_errors():
         pool.close()
 
 
+def test_after_torch_compile_workers_come_from_a_forkserver(monkeypatch):
+    # Children forked by the main thread once torch.compile had run in the process crashed while
+    # starting (SIGSEGV, in the full suite); then the pool starts its workers from a forkserver.
+    monkeypatch.delitem(sys.modules, "torch._inductor.async_compile", raising=False)  # as if nothing compiled yet
+    pool = TimeoutPool(math.sqrt, num_workers=1)
+    try:
+        assert pool.map([(4.0,)], timeout=30.0)[0] == ("ok", 2.0)
+        assert pool._workers[0].process.__class__.__name__ == "ForkProcess"
+    finally:
+        pool.close()
+    monkeypatch.setitem(sys.modules, "torch._inductor.async_compile", sys.modules["math"])  # "compiled here"
+    pool = TimeoutPool(math.sqrt, num_workers=1)
+    try:
+        assert pool.map([(9.0,)], timeout=30.0)[0] == ("ok", 3.0)
+        assert pool._workers[0].process.__class__.__name__ == "ForkServerProcess"
+    finally:
+        pool.close()
+
+
 # ---------------------------------------------------------------- length and repetition
 
 

@@ -13,7 +13,8 @@ The death signal follows the *thread* that forked the worker, so workers are for
 thread, or, when a pool is used from another (possibly short-lived) thread, by a forkserver
 process (which exits with us). Forking from a non-main thread is avoided for a second reason: in
 a process busy with torch such a child crashed while starting (SIGSEGV, reproducibly after ~450
-tests of the suite; root cause not found).
+tests of the suite; root cause not found). The same crash hit children forked by the main thread
+after `torch.compile` had run in the process (GRPO's `compile=True`): they come from the forkserver too.
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def _serve(
         conn.send(outcome)
 
 
+def _compiled_here() -> bool:
+    """Whether this process has compiled with inductor (and so runs its compile worker pools)."""
+    return "torch._inductor.async_compile" in sys.modules
+
+
 class _StartCrash(RuntimeError):
     """A worker died before it was ready (e.g. a crash in a child forked from a busy multi-threaded parent)."""
 
@@ -107,9 +113,10 @@ _START_ATTEMPTS = 3  # a worker that crashes while starting is started again, th
 class _Worker:
     def __init__(self, ctx: Any, fn: Callable[..., Any], initializer: Callable[[], None] | None) -> None:
         self.conn, child_conn = ctx.Pipe()
-        if threading.current_thread() is not threading.main_thread() and ctx.get_start_method() == "fork":
-            # A child forked by a non-main thread of a process busy with torch crashed while starting
-            # (SIGSEGV, reproducibly after ~450 tests): from other threads, workers come from a forkserver.
+        if ctx.get_start_method() == "fork" and (threading.current_thread() is not threading.main_thread() or _compiled_here()):
+            # Children forked by a non-main thread of a process busy with torch (reproducibly after ~450
+            # tests), or by the main thread once torch.compile has run (its compile thread and process
+            # pools are up), crashed while starting (SIGSEGV): then workers come from a forkserver.
             ctx = mp.get_context("forkserver")
         # Ask Linux to kill the worker with its parent, unless the parent is a short-lived thread of ours
         # (the signal follows the forking thread): our main thread, or the forkserver's.
