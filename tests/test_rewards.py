@@ -388,6 +388,7 @@ def test_accuracy_pickles_without_its_pool(accuracy):
 def test_timeout_pool_kills_only_the_late_call():
     pool = TimeoutPool(time.sleep, num_workers=2)
     try:
+        pool.map([(0.0,), (0.0,)], timeout=30.0)  # workers up first (from a forkserver that can take seconds)
         start = time.monotonic()
         outcomes = pool.map([(0.0,), (10.0,), (0.0,), (0.0,)], timeout=0.3)
         assert time.monotonic() - start < 2.0
