@@ -257,17 +257,12 @@ def run_ours(args) -> None:
     )
     trainer.fit(module, datamodule=data)
     summary = _step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup, timer.cpu_times)
-    result = {"system": "ours", **summary, **memory.stop(), "compiled": _compiled_forward_used()}
+    from r1_lightning.rl.compiled_forward import ran_compiled
+
+    result = {"system": "ours", **summary, **memory.stop(), "compiled": ran_compiled()}
     if args.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     _emit(result)
-
-
-def _compiled_forward_used() -> bool:
-    """Whether our training forwards ran compiled (not asked for, or fell back after a compiler error: False)."""
-    from r1_lightning.rl import compiled_forward
-
-    return bool(compiled_forward._COMPILED) and not compiled_forward._FAILED
 
 
 # ------------------------------------------------------------------------------------- TRL

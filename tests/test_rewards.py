@@ -438,23 +438,23 @@ def test_timeout_pool_reports_errors():
         pool.close()
 
 
+def _worker_process_kind(x: float) -> str:
+    """Start a one-worker pool, check it computes sqrt(x), and name its worker's process class."""
+    pool = TimeoutPool(math.sqrt, num_workers=1)
+    try:
+        assert pool.map([(x,)], timeout=30.0)[0] == ("ok", math.sqrt(x))
+        return pool._workers[0].process.__class__.__name__
+    finally:
+        pool.close()
+
+
 def test_after_torch_compile_workers_come_from_a_forkserver(monkeypatch):
     # Children forked by the main thread once torch.compile had run in the process crashed while
     # starting (SIGSEGV, in the full suite); then the pool starts its workers from a forkserver.
     monkeypatch.delitem(sys.modules, "torch._inductor.async_compile", raising=False)  # as if nothing compiled yet
-    pool = TimeoutPool(math.sqrt, num_workers=1)
-    try:
-        assert pool.map([(4.0,)], timeout=30.0)[0] == ("ok", 2.0)
-        assert pool._workers[0].process.__class__.__name__ == "ForkProcess"
-    finally:
-        pool.close()
+    assert _worker_process_kind(4.0) == "ForkProcess"
     monkeypatch.setitem(sys.modules, "torch._inductor.async_compile", sys.modules["math"])  # "compiled here"
-    pool = TimeoutPool(math.sqrt, num_workers=1)
-    try:
-        assert pool.map([(9.0,)], timeout=30.0)[0] == ("ok", 3.0)
-        assert pool._workers[0].process.__class__.__name__ == "ForkServerProcess"
-    finally:
-        pool.close()
+    assert _worker_process_kind(9.0) == "ForkServerProcess"
 
 
 # ---------------------------------------------------------------- length and repetition

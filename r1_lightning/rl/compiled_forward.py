@@ -25,6 +25,7 @@ dropout keeps the Hugging Face forward; so does a process where compiling failed
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -36,6 +37,11 @@ from r1_lightning.rl.fast_decode import _apply_rotary, _rms_norm, _rotary, model
 # Per process: the compiled layer functions (built on first use), and why compiling failed, if it did.
 _COMPILED: dict[tuple, object] = {}  # (pass, shape) -> compiled function
 _FAILED: list[str] = []
+
+
+def ran_compiled() -> bool:
+    """Whether this process has run compiled layers and never fell back (False before any compiled call)."""
+    return bool(_COMPILED) and not _FAILED
 
 
 def compiled_layers(model: nn.Module) -> CompiledLayers | None:
@@ -132,6 +138,7 @@ def _call(kind: str, shape: tuple[int, int, int, float, float], compile: bool, *
         return eager(*args)
 
 
+@functools.cache  # one function per (pass, shape): `_call` runs for every layer of every pass
 def _layer_function(kind: str, shape: tuple[int, int, int, float, float]):
     """The `prefix` or `suffix` layer function with the model's head counts, head size, scale and epsilon as
     constants: passed as arguments they would become symbolic under dynamic shapes (and break the graph at SDPA)."""
