@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -109,6 +109,16 @@ def load_checkpoint_file(path: Any, map_location: Any = "cpu", mmap: bool = Fals
         raise ConfigError(f"{where}: not a complete PyTorch checkpoint (truncated or corrupt?): {first_line}") from error
 
 
+def require_lightning_checkpoint(path: Any, checkpoint: Any) -> None:
+    """Refuse a file that loads but is not a Lightning checkpoint (weights and a version), in one line."""
+    if os.path.isdir(str(path)):
+        return  # a sharded checkpoint: checked by ``_sharded_metadata``
+    keys = list(checkpoint) if isinstance(checkpoint, dict) else []
+    if not {"pytorch-lightning_version", "state_dict"} <= set(keys):
+        held = ", ".join(map(str, keys[:6])) or type(checkpoint).__name__
+        raise ConfigError(f"ckpt_path={str(path)!r}: not a Lightning checkpoint (it holds {held}; no state_dict and version)")
+
+
 def _sharded_metadata(path: Path, where: str) -> dict[str, Any]:
     """The trainer state of a sharded (FSDP / ModelParallel) checkpoint directory, if it is complete.
 
@@ -180,3 +190,101 @@ def _announce(path: str, checkpoint: dict[str, Any]) -> str:
 
 def _is_local(path: Any) -> bool:
     return type(get_filesystem(path)).__name__ == "LocalFileSystem"
+
+
+def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another module class or with weights of other names or shapes, in one line.
+
+    Called before Lightning loads the weights (from ``on_load_checkpoint``, via ``load_resume_state``).
+    The checkpoint's class is only read as a name, never imported. Its hyper-parameters never replace
+    the run's (``r1-lightning`` does not merge them into the config); where they differ, one line says
+    which the run uses.
+
+    Raises:
+        ConfigError: what the checkpoint holds and what the run's module asks for.
+    """
+    trainer = module._trainer
+    where = f"ckpt_path={str(trainer.ckpt_path)!r}" if trainer is not None and trainer.ckpt_path else "the checkpoint"
+    saved = checkpoint.get("hyper_parameters") or {}
+    saved_class = saved.get("_class_path") if isinstance(saved, dict) else None
+    ours = type(module)
+    if isinstance(saved_class, str) and saved_class.rsplit(".", 1)[-1] != ours.__name__:
+        raise ConfigError(
+            f"{where} holds a {saved_class} checkpoint, but the config asks for {ours.__module__}.{ours.__name__}: "
+            "resume a run with the module class that saved it"
+        )
+    if "state_dict" in checkpoint:  # a sharded checkpoint's weights are loaded (and checked) by the strategy
+        problem = state_dict_mismatch(checkpoint["state_dict"], module.state_dict())
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}; a checkpoint of another model?")
+    changed = hyperparameter_changes(saved, dict(module.hparams)) if isinstance(saved, dict) else []
+    if changed:
+        rank_zero_info(f"{where}: the config's values are used, not the checkpoint's: {'; '.join(changed)}")
+
+
+def state_dict_mismatch(saved: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """What keeps ``saved`` from loading into a module whose state dict is ``expected``, or None.
+
+    >>> state_dict_mismatch({"w": torch.zeros(2, 3)}, {"w": torch.zeros(2, 4)})
+    'it holds w of shape [2, 3], the config's model has [2, 4]'
+    """
+    for name, tensor in expected.items():
+        if name in saved and list(getattr(tensor, "shape", [])) != list(getattr(saved[name], "shape", [])):
+            return f"it holds {name} of shape {list(saved[name].shape)}, the config's model has {list(tensor.shape)}"
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        parts = [f"{len(missing)} weight(s) of the config's model are missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"it holds {len(unexpected)} weight(s) the config's model does not have (e.g. {unexpected[0]})"] if unexpected else []
+        return "; ".join(parts)
+    return None
+
+
+def hyperparameter_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name: checkpoint X, config Y`` for every plain-valued hyper-parameter that differs."""
+    plain = (str, int, float, bool, type(None))
+    return [
+        f"{name}: checkpoint {saved[name]!r}, config {value!r}"
+        for name, value in current.items()
+        if name in saved and isinstance(value, plain) and isinstance(saved[name], plain) and saved[name] != value
+    ]
+
+
+class ConfigOverCheckpoint(Callback):
+    """On resume, put the config's optimizer settings back over the ones the checkpoint restored.
+
+    Lightning restores each optimizer's ``param_groups`` (learning rate, weight decay, betas ...) and each
+    scheduler's ``base_lrs`` from the checkpoint, so ``--model.learning_rate 0.5 --ckpt_path FILE`` would
+    train at the checkpoint's rate. This callback keeps what ``configure_optimizers`` built from the config
+    (``on_fit_start``, before the restore) and reinstates it after the restore (``on_train_start``), keeping
+    the schedule's position: the current rate is scaled by config base / checkpoint base.
+    ``r1-lightning fit`` adds it.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[ConfigOverCheckpoint()])
+    """
+
+    def __init__(self) -> None:
+        self._groups: list[list[dict[str, Any]]] = []
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in trainer.optimizers]
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.ckpt_path or len(self._groups) != len(trainer.optimizers):
+            return
+        schedulers = {id(c.scheduler.optimizer): c.scheduler for c in trainer.lr_scheduler_configs}
+        for optimizer, fresh_groups in zip(trainer.optimizers, self._groups):
+            scheduler = schedulers.get(id(optimizer))
+            restored_bases = list(getattr(scheduler, "base_lrs", [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]))
+            for i, (group, fresh) in enumerate(zip(optimizer.param_groups, fresh_groups)):
+                base = fresh.get("initial_lr", fresh["lr"])
+                if restored_bases[i] != base:
+                    rank_zero_info(f"learning rate: the config's {base:g} replaces the checkpoint's {restored_bases[i]:g}")
+                    group["lr"] = group["lr"] * base / restored_bases[i] if restored_bases[i] else base
+                group.update({k: v for k, v in fresh.items() if k != "lr"})
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in fresh_groups]
+                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports (and is logged)

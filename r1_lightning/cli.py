@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from r1_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file, resolve_checkpoint
+from r1_lightning.checkpoint import AtomicCheckpointIO, ConfigOverCheckpoint, load_checkpoint_file, require_lightning_checkpoint, resolve_checkpoint
 from r1_lightning.errors import UserError
 
 
@@ -45,14 +45,24 @@ class R1CLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last", "best", "hpc"):
-            load_checkpoint_file(ckpt_path, mmap=True)
+            require_lightning_checkpoint(ckpt_path, load_checkpoint_file(ckpt_path, mmap=True))
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the parsed config: LightningCLI would merge an explicit checkpoint's saved hyper-parameters over it.
+
+        That merge let a checkpoint change the module class, turn on ``trust_remote_code``, change a
+        loaded path or override a command-line value, and only for ``--ckpt_path FILE`` (not ``last``).
+        Here the config and command line always win, for both forms; the checkpoint restores state
+        only, and ``check_checkpoint_fits`` refuses one of another class or shape when it loads.
+        """
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
         # Atomic checkpoint writes and weights_only loads, unless the config names its own CheckpointIO.
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
+        plugins = _as_list(trainer_config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        kwargs["callbacks"] = [*_as_list(trainer_config.get("callbacks")), ConfigOverCheckpoint()]
         return super().instantiate_trainer(**kwargs)
 
     def fit(self, model: L.LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
@@ -119,6 +129,10 @@ def parse_error_line(message: str, argv: list[str]) -> str:
         reason += f" (--config {', '.join(configs)})" if configs else ""
     text = f"{'.'.join(keys)}: {reason}" if keys else reason
     return text + (f" (class_path {class_path})" if class_path else "")
+
+
+def _as_list(value: Any) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _find_user_error(error: BaseException | None) -> UserError | None:

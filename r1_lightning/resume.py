@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1_lightning.checkpoint import check_checkpoint_fits
 from r1_lightning.data.tasks import ArithmeticTask
 from r1_lightning.errors import ConfigError
 from r1_lightning.policy import LoraSettings
@@ -97,7 +98,9 @@ def load_resume_state(module: L.LightningModule, checkpoint: dict[str, Any]) -> 
 
     Puts the loop progress of a checkpoint saved at an epoch's end in the form a ``max_steps`` run
     resumes from correctly (``resume_epoch_end_as_last_batch``), then restores this rank's RNG states.
+    First refuses a checkpoint of another module class or model shape (``check_checkpoint_fits``).
     """
+    check_checkpoint_fits(module, checkpoint)
     trainer = module._trainer
     if trainer is not None and trainer.state.fn == "fit" and trainer.max_steps != -1:
         resume_epoch_end_as_last_batch(checkpoint)
