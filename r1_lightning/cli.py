@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from argparse import ArgumentError
 from typing import Any
@@ -18,7 +19,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from r1_lightning.callbacks.preemption import PreemptionCheckpoint
 from r1_lightning.checkpoint import AtomicCheckpointIO, ConfigOverCheckpoint, load_checkpoint_file, require_lightning_checkpoint, resolve_checkpoint
 from r1_lightning.errors import UserError
 
@@ -62,7 +65,7 @@ class R1CLI(LightningCLI):
         plugins = _as_list(trainer_config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        kwargs["callbacks"] = [*_as_list(trainer_config.get("callbacks")), ConfigOverCheckpoint()]
+        kwargs["callbacks"] = [*_as_list(trainer_config.get("callbacks")), ConfigOverCheckpoint(), PreemptionCheckpoint()]
         return super().instantiate_trainer(**kwargs)
 
     def fit(self, model: L.LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
@@ -79,6 +82,8 @@ def main(args: list[str] | None = None) -> None:
             recipe_main(argv[1:])
         else:
             R1CLI(args=args)  # None: LightningCLI reads sys.argv itself (passing both makes it warn)
+    except SIGTERMException:  # Lightning's own handler stopped validate / test / predict: not a success
+        sys.exit(128 + signal.SIGTERM)
     except ArgumentError as error:  # the command line or a YAML file was not accepted
         if os.environ.get("R1_DEBUG"):
             raise

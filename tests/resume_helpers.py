@@ -3,7 +3,13 @@ fit with interruptions (a stand-in for a kill between two steps), record every s
 
 from __future__ import annotations
 
+import csv
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from conftest import cli_env
 from r1_lightning import ColdStartDataModule, PolicySFT, PromptDataModule
 from r1_lightning.checkpoint import AtomicCheckpointIO, resolve_checkpoint
 from r1_lightning.policy import load_tokenizer
@@ -130,3 +137,36 @@ def _sft_run():
     module = PolicySFT("builtin:tiny", learning_rate=1e-2, warmup_steps=2, export_hf=False)
     return module, ColdStartDataModule(num_samples=10, num_val_samples=2, batch_size=4, max_length=160)
 
+
+
+# ----------------------------------------------------------------------------- real processes, real signals
+def _logged_steps(path: Path) -> dict[int, dict[str, float]]:
+    """A CSVLogger's metrics.csv as {step: {name: value}}."""
+    rows: dict[int, dict[str, float]] = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            rows.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v != "" and k != "step"})
+    return rows
+
+
+def fit_signalled_at(
+    config: Path, checkpoint: Path, cwd: Path, signum: int, whole_group: bool, timeout: float = 240, env: dict | None = None
+) -> subprocess.Popen:
+    """Run ``r1-lightning fit --config CONFIG``, send ``signum`` once ``checkpoint`` exists (it is complete once it
+    has its name), and wait for the process to end. ``whole_group``: to every rank (a scheduler killing the job),
+    else to the first process only (rank 0, which launched the others). stderr is in ``cwd/<checkpoint dir>.stderr``."""
+    command = [sys.executable, "-m", "r1_lightning", "fit", "--config", str(config)]
+    log = cwd / f"{checkpoint.parent.name}.stderr"  # a file, not a pipe: a full pipe would stall the run
+    with log.open("w") as stderr:
+        job = subprocess.Popen(command, cwd=cwd, env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists():
+        assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(job.pid, signum) if whole_group else job.send_signal(signum)
+    try:
+        job.wait(timeout=timeout)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    return job

@@ -27,7 +27,7 @@ from r1_lightning.checkpoint import load_checkpoint_file
 from r1_lightning.cli import main
 from r1_lightning.data.resumable import ResumableSampler
 
-from resume_helpers import _assert_same_run, _fit_with_interruptions, _prompt_run, _sft_run
+from resume_helpers import _assert_same_run, _fit_with_interruptions, _logged_steps, _prompt_run, _sft_run, fit_signalled_at
 
 
 
@@ -211,28 +211,9 @@ def _grpo_config(tmp_path: Path, version: str, ckpt_dir: Path) -> Path:
     return path
 
 
-def _logged_steps(path: Path) -> dict[int, dict[str, float]]:
-    rows: dict[int, dict[str, float]] = {}
-    with path.open() as handle:
-        for row in csv.DictReader(handle):
-            rows.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v != "" and k != "step"})
-    return rows
-
-
 def _fit_killed_at(config: Path, checkpoint: Path, cwd: Path) -> subprocess.Popen:
-    """Run ``r1-lightning fit`` and SIGKILL its whole process group (every rank) once ``checkpoint`` exists
-    (it is complete once it has its name)."""
-    command = [sys.executable, "-m", "r1_lightning", "fit", "--config", str(config)]
-    log = cwd / f"{checkpoint.parent.name}.stderr"  # a file, not a pipe: a full pipe would stall the run
-    with log.open("w") as stderr:
-        job = subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists():
-        assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    return job
+    """SIGKILL the whole job (every rank) once ``checkpoint`` exists."""
+    return fit_signalled_at(config, checkpoint, cwd, signal.SIGKILL, whole_group=True)
 
 
 @pytest.mark.slow
