@@ -288,3 +288,37 @@ class ConfigOverCheckpoint(Callback):
             if scheduler is not None and hasattr(scheduler, "base_lrs"):
                 scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in fresh_groups]
                 scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports (and is logged)
+
+
+class FreshRunCheck(Callback):
+    """Refuse a fit without ``ckpt_path`` whose checkpoint directory holds an earlier run's checkpoints.
+
+    With a fixed log directory (``version: latest``) a second fit would otherwise write its checkpoints
+    among the earlier run's, and a later ``--ckpt_path last`` could pick either. Checked in ``setup``
+    (after the data module's own checks, before the config is saved and the model loads).
+    ``r1-lightning fit`` adds it and sets ``resuming`` from ``--ckpt_path``.
+
+    Args:
+        resuming: The fit resumes a checkpoint (``ckpt_path`` given): nothing to check.
+    """
+
+    def __init__(self, resuming: bool = False) -> None:
+        self.resuming = resuming
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.resuming:
+            return
+        found = earlier_checkpoints(trainer)
+        if found:
+            raise ConfigError(
+                f"{found[0].parent} holds checkpoints of an earlier run ({', '.join(p.name for p in found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}): resume it with --ckpt_path last, or start this run in another "
+                "directory (another logger version or ModelCheckpoint dirpath) or clear that one"
+            )
+
+
+def earlier_checkpoints(trainer: L.Trainer) -> list[Path]:
+    """The ``*.ckpt`` files (or sharded directories) already in the trainer's checkpoint directories, newest first."""
+    found = [p for d in checkpoint_directories(trainer) if os.path.isdir(d) for p in Path(d).glob("*.ckpt")]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)

@@ -13,23 +13,56 @@ import os
 import re
 import signal
 import sys
+import warnings
 from argparse import ArgumentError
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from r1_lightning.callbacks.preemption import PreemptionCheckpoint
-from r1_lightning.checkpoint import AtomicCheckpointIO, ConfigOverCheckpoint, load_checkpoint_file, require_lightning_checkpoint, resolve_checkpoint
+from r1_lightning.callbacks.progress import default_progress_bar
+from r1_lightning.checkpoint import AtomicCheckpointIO, ConfigOverCheckpoint, FreshRunCheck, load_checkpoint_file, require_lightning_checkpoint, resolve_checkpoint
 from r1_lightning.errors import UserError
+
+
+DESCRIPTION = (
+    "The R1 pipeline's stages as Lightning runs. Subcommands: fit, validate, test, predict (below), and "
+    "`r1-lightning recipe FILE [--output_dir DIR] [--fresh]`, which runs a multi-stage recipe (`r1-lightning recipe --help`)."
+)
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+# Warnings every run printed that say nothing about the user's run (Lightning's own deprecated call into torch).
+KNOWN_HARMLESS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+MANUAL_CHECKPOINT_WARNING = r"Using ModelCheckpoint with manual optimization and every_n_train_steps"
+
+
+class QuietKnownWarnings(Callback):
+    """Silence Lightning's "modules in eval mode" warning when every such module is frozen (GRPO's reference,
+    distillation's teacher), and its manual-optimization checkpoint warning for modules that checkpoint after
+    the step by design, so that a warning that matters stands out. Any other eval-mode module still warns."""
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        in_eval = [m for m in pl_module.modules() if not m.training]
+        if in_eval and all(not p.requires_grad for m in in_eval for p in m.parameters()):
+            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+        if not pl_module.automatic_optimization:
+            warnings.filterwarnings("ignore", message=MANUAL_CHECKPOINT_WARNING)
 
 
 class R1CLI(LightningCLI):
     """LightningCLI with subclass mode for model and data and the project's defaults."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        for message in KNOWN_HARMLESS:
+            warnings.filterwarnings("ignore", message=message)
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -37,7 +70,8 @@ class R1CLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # each module configures its own AdamW + schedule
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},  # `main` prints a parse error as one line
+            # `main` prints a parse error as one line; `recipe` is not a LightningCLI subcommand, so the help names it.
+            parser_kwargs={"exit_on_error": False, "prog": "r1-lightning", "description": DESCRIPTION},
             args=args,
             run=run,
         )
@@ -65,11 +99,20 @@ class R1CLI(LightningCLI):
         plugins = _as_list(trainer_config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        kwargs["callbacks"] = [*_as_list(trainer_config.get("callbacks")), ConfigOverCheckpoint(), PreemptionCheckpoint()]
+        self.fresh_run_check = FreshRunCheck()
+        configured = _as_list(trainer_config.get("callbacks"))
+        callbacks = [self.fresh_run_check, ConfigOverCheckpoint(), PreemptionCheckpoint(), QuietKnownWarnings()]
+        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks.append(default_progress_bar())
+        kwargs["callbacks"] = [*configured, *callbacks]  # before SaveConfigCallback
+        # validate / test / predict save their config beside a fit's config.yaml, not over it.
+        filename = "config.yaml" if self.subcommand in (None, "fit") else f"{self.subcommand}_config.yaml"
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": filename}
         return super().instantiate_trainer(**kwargs)
 
     def fit(self, model: L.LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """``trainer.fit`` with ``ckpt_path`` checked, and ``last`` = the newest checkpoint that loads."""
+        self.fresh_run_check.resuming = ckpt_path is not None
         self.trainer.fit(model, ckpt_path=resolve_checkpoint(self.trainer, ckpt_path), **kwargs)
 
 
@@ -87,7 +130,7 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as error:  # the command line or a YAML file was not accepted
         if os.environ.get("R1_DEBUG"):
             raise
-        print(f"r1-lightning: error: {parse_error_line(str(error), argv)}", file=sys.stderr)
+        print(f"r1-lightning: error: {with_recipe(parse_error_line(str(error), argv))}", file=sys.stderr)
         sys.exit(2)
     except Exception as error:
         user_error = _find_user_error(error)
@@ -103,6 +146,13 @@ _NOISE = re.compile(
     r"|Given value( type)?:"
     r"|Expected a path but .* either not accessible or invalid)"
 )
+
+
+def with_recipe(message: str) -> str:
+    """LightningCLI's list of subcommands, plus ``recipe`` (handled before LightningCLI sees the command line)."""
+    listed = ",".join(SUBCOMMANDS)
+    message = message.replace("{" + listed + "}", "{" + listed + ",recipe}")
+    return message.replace(", ".join(map(repr, SUBCOMMANDS)) + ")", ", ".join(map(repr, (*SUBCOMMANDS, "recipe"))) + ")")
 
 
 def parse_error_line(message: str, argv: list[str]) -> str:

@@ -17,6 +17,7 @@ The tokenizer itself is never changed: no tokens are added.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def load_tokenizer(
         tokenizer = build_builtin_tokenizer()
     else:
         _check_local_dir(name_or_path, option)  # `option`: the module argument that held the path, for messages
+        check_hub_reachable(name_or_path, option)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         _check_vocabulary(name_or_path, len(tokenizer), option)
     if tokenizer.pad_token_id is None:
@@ -153,6 +155,7 @@ def load_model(
             model = model.to(DTYPES[dtype])
     else:
         _check_local_dir(name_or_path)
+        check_hub_reachable(name_or_path)
         kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -299,3 +302,64 @@ def _token_logprobs(
     if entropy is None:
         return full, None
     return full, torch.zeros_like(full).masked_scatter(scatter_mask, entropy)
+
+
+OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+def check_hub_reachable(name_or_path: str, option: str = "model_name_or_path", timeout: float = 3.0) -> None:
+    """One line, within seconds, for a hub id that is neither local nor cached while the hub cannot be reached.
+
+    transformers would retry the hub for about a minute and print three tracebacks. A hub id whose
+    files are in the Hugging Face cache loads offline as usual.
+
+    Raises:
+        ConfigError: ``<option>='<name>': not a local directory and the hub is unreachable (<why>)``.
+    """
+    if is_builtin(name_or_path) or Path(name_or_path).expanduser().exists() or _in_hub_cache(name_or_path):
+        return
+    reason = hub_unreachable_reason(timeout)
+    if reason is not None:
+        raise ConfigError(f"{option}={name_or_path!r}: not a local directory and the hub is unreachable ({reason})")
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, or no TCP connection within ``timeout``), else None.
+
+    Behind a proxy (``HTTPS_PROXY``) the hub is assumed reachable: the connection goes through it.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").upper() in OFFLINE_VALUES:
+            return f"{variable}={os.environ[variable]}"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    url = urlsplit(endpoint)
+    outcome: list[str | None] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(f"{endpoint}: {error.strerror or error}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return outcome[0] if outcome else f"{endpoint}: no answer within {timeout:g} s"
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("config.json", "tokenizer_config.json"))
+    except ValueError:  # not a valid repo id: transformers names the problem
+        return False

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from r1_lightning.errors import ConfigError
 from r1_lightning.data.resumable import TrainPosition, run_seed
-from r1_lightning.data.sources import DataError, RowSource, load_rows, require_columns
+from r1_lightning.data.sources import DataError, RowSource, check_prompt, load_rows, require_columns
 from r1_lightning.data.tasks import ArithmeticTask
 from r1_lightning.policy import encode_prompt, render_prompt
 from r1_lightning.rewards.parsing import extract_answer
@@ -113,6 +113,7 @@ class ColdStartDataModule(L.LightningDataModule):
         hp, examples, dropped = self.hparams, [], 0
         for index, row in enumerate(rows):
             prompt, completion = row.get(hp.prompt_column), row.get(hp.completion_column)
+            check_prompt(prompt, source.row(index), hp.prompt_column)
             if not isinstance(completion, str) or not isinstance(prompt, (str, list)):
                 raise DataError(
                     f"{source.row(index)}: {hp.prompt_column!r} must be a string or chat messages and {hp.completion_column!r} a string"

@@ -9,10 +9,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from r1_lightning.data.resumable import TrainPosition, run_seed
-from r1_lightning.data.sources import DataError, RowSource, load_rows, require_columns
+from r1_lightning.data.sources import DataError, RowSource, check_column_names, check_prompt, load_rows, require_columns
 from r1_lightning.data.tasks import ArithmeticTask
 from r1_lightning.errors import ConfigError
 from r1_lightning.policy import encode_prompt, render_prompt
+
+REWARD_ARGUMENTS = ("prompts", "completions")  # what a reward receives besides the columns: `reward(completions, *, prompts, **columns)`
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -70,6 +72,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ConfigError(f"overlong={overlong!r}: choose error or drop")
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be >= 1")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ConfigError(f"val_batch_size={val_batch_size}: must be >= 1 (or unset: batch_size)")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.task = task or ArithmeticTask()
         self.tokenizer = tokenizer
@@ -100,6 +104,7 @@ class PromptDataModule(L.LightningDataModule):
             dataset = load_rows(path, split, option)
             source, column = RowSource.of(f"{option}={path!r}", dataset), self.hparams.prompt_column
             require_columns(dataset, [column], source)
+            check_column_names([c for c in dataset.column_names if c != column], REWARD_ARGUMENTS, source)
             rows = [dict(r) for r in dataset]
         return self._tokenize(rows, column, source)
 
@@ -107,8 +112,7 @@ class PromptDataModule(L.LightningDataModule):
         hp, examples, dropped = self.hparams, [], 0
         for index, row in enumerate(rows):
             prompt = row.pop(column, None)
-            if not isinstance(prompt, (str, list)) or not prompt:
-                raise DataError(f"{source.row(index)}: column {column!r} must be a non-empty string or list of chat messages")
+            check_prompt(prompt, source.row(index), column)
             text = render_prompt(self.tokenizer, prompt, hp.system_prompt)
             ids = encode_prompt(self.tokenizer, text)
             if len(ids) > hp.max_prompt_length:

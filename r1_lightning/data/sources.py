@@ -97,6 +97,35 @@ def require_columns(dataset: Rows, columns: list[str], source: str) -> None:
         )
 
 
+def check_prompt(prompt: object, where: str, column: str) -> None:
+    """A prompt is a non-empty string or a non-empty list of chat messages (``{"role": ..., "content": ...}``).
+
+    Raises:
+        DataError: naming the row (``where``) and the column, e.g. for a list of strings.
+    """
+    if isinstance(prompt, str) and prompt:
+        return
+    if isinstance(prompt, list) and prompt:
+        bad = next((m for m in prompt if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m)), None)
+        if bad is None:
+            return
+        raise DataError(
+            f"{where}: column {column!r} is a list, so it must hold chat messages ({{'role': ..., 'content': ...}}), "
+            f"but it holds {type(bad).__name__} {str(bad)[:40]!r}; write a string prompt as one string"
+        )
+    raise DataError(f"{where}: {column!r} must be a string (not empty) or a list of chat messages, not {prompt!r:.40}")
+
+
+def check_column_names(columns: list[str], reserved: tuple[str, ...], source: object) -> None:
+    """Refuse a dataset column whose name a reward receives as its own argument (a reward gets columns by name)."""
+    clash = [c for c in columns if c in reserved]
+    if clash:
+        raise DataError(
+            f"{source}: column {clash[0]!r} has the name of a reward argument ({', '.join(reserved)} are given to every "
+            "reward by the trainer); rename the column"
+        )
+
+
 def _load_local(path: Path, split: str, option: str) -> Rows:
     if path.is_dir():
         try:

@@ -170,6 +170,7 @@ class GRPO(L.LightningModule):
         self.save_hyperparameters(ignore=["rewards", "kl_estimator", "rollout_engine"])
         _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level)
         _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
+        _check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
@@ -184,6 +185,14 @@ class GRPO(L.LightningModule):
         self.guard = StepGuard(nonfinite)
 
     # ----------------------------------------------------------------------------------- setup
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.num_generations < 2:  # before the model loads
+            raise ConfigError(
+                f"num_generations={self.hparams.num_generations}: GRPO training needs >= 2 completions per prompt "
+                "(advantages are relative to the group: with 1 they are all 0 and nothing is learnt)"
+            )
+
     @override
     def configure_model(self) -> None:
         if self.model is not None:
@@ -473,6 +482,16 @@ def _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature,
         raise ConfigError(f"eval_temperature={eval_temperature}: must be >= 0 (0 = greedy)")
     if eval_num_samples < 1:
         raise ConfigError(f"eval_num_samples={eval_num_samples}: must be >= 1")
+
+
+def _check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size) -> None:
+    if not epsilon >= 0:
+        raise ConfigError(f"epsilon={epsilon}: must be >= 0 (the clip range is [1 - epsilon, 1 + epsilon_high])")
+    if epsilon_high is not None and not epsilon_high >= 0:
+        raise ConfigError(f"epsilon_high={epsilon_high}: must be >= 0")
+    for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}={value}: must be >= 1 completions (or unset: the whole batch)")
 
 
 def _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level) -> None:
