@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -170,3 +173,130 @@ def test_the_command_line_beats_the_checkpoint_and_a_model_of_another_shape_is_r
         f"r1-lightning: error: ckpt_path='{sft_checkpoint}': it holds model.model.embed_tokens.weight of shape [263, 64], "
         "the config's model has [263, 128]; a checkpoint of another model?"
     )
+
+
+# ------------------------------------------------------------------ 7. unchecked options, before any model loads
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_data")
+    (root / "reward_argument_column.jsonl").write_text('{"prompt": "1+1", "answer": "2", "completions": "x"}\n')
+    (root / "list_of_strings.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": ["1+1", "2+2"], "answer": "2"}\n')
+    return root
+
+
+GRPO_ARGS = ["--model", "r1_lightning.GRPO", "--model.num_generations", "2", "--model.max_new_tokens", "4",
+             "--data", "r1_lightning.PromptDataModule", "--data.num_samples", "2", "--data.batch_size", "1",
+             "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]  # fmt: skip
+
+# id -> (subcommand, extra arguments ({data} = the bad_data directory), the one error line after "r1-lightning: error: ")
+OPTION_CASES = {
+    "negative_mini_batch": ("fit", ["--model.mini_batch_size", "-4"], "mini_batch_size=-4: must be >= 1 completions (or unset: the whole batch)"),
+    "negative_micro_batch": ("fit", ["--model.micro_batch_size", "-1"], "micro_batch_size=-1: must be >= 1 completions (or unset: the whole batch)"),
+    "negative_epsilon": ("fit", ["--model.epsilon", "-0.2"], "epsilon=-0.2: must be >= 0 (the clip range is [1 - epsilon, 1 + epsilon_high])"),
+    "one_generation": ("fit", ["--model.num_generations", "1"],
+                       "num_generations=1: GRPO training needs >= 2 completions per prompt (advantages are relative to the "
+                       "group: with 1 they are all 0 and nothing is learnt)"),
+    "reward_argument_column": ("fit", ["--data.path", "{data}/reward_argument_column.jsonl"],
+                               "path='{data}/reward_argument_column.jsonl': column 'completions' has the name of a reward argument "
+                               "(prompts, completions are given to every reward by the trainer); rename the column"),
+    "list_of_strings_prompt": ("fit", ["--data.path", "{data}/list_of_strings.jsonl"],
+                               "{data}/list_of_strings.jsonl:2: column 'prompt' is a list, so it must hold chat messages ({{'role': "
+                               "..., 'content': ...}}), but it holds str '1+1'; write a string prompt as one string"),
+    "zero_val_batch_size": ("predict", ["--data.val_batch_size", "0"], "val_batch_size=0: must be >= 1 (or unset: batch_size)"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_unchecked_options_fail_in_one_line_before_any_model_loads(case, bad_data, tmp_path, capsys, monkeypatch):
+    import r1_lightning.modules.grpo
+
+    subcommand, extra, expected = OPTION_CASES[case]
+    monkeypatch.setattr(r1_lightning.modules.grpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = GRPO_ARGS if subcommand == "fit" else GRPO_ARGS[: GRPO_ARGS.index("--trainer.max_steps")] + ["--trainer.logger", "false"]
+    monkeypatch.chdir(tmp_path)
+    code, err = run([subcommand, *args, *[a.format(data=bad_data) for a in extra]], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert [l for l in err.splitlines() if "error" in l] == ["r1-lightning: error: " + expected.format(data=bad_data)]
+
+
+# ------------------------------------------------------------------ 9. stale state in fixed log directories
+def test_a_fresh_fit_into_an_earlier_runs_directory_says_so_and_validate_keeps_the_fit_config(tmp_path, capsys, sft_checkpoint):
+    config = write(tmp_path / "sft.yaml", SFT_CONFIG.format(root=tmp_path / "run", steps=2))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(sft_checkpoint.read_bytes())
+    (tmp_path / "run" / "config.yaml").write_text("the fit's config\n")
+    code, err = run(["fit", "--config", config], capsys)
+    assert code == 1 and err.splitlines()[-1] == (
+        f"r1-lightning: error: {tmp_path / 'run' / 'checkpoints'} holds checkpoints of an earlier run (last.ckpt): resume it "
+        "with --ckpt_path last, or start this run in another directory (another logger version or ModelCheckpoint dirpath) "
+        "or clear that one"
+    )
+    assert (tmp_path / "run" / "config.yaml").read_text() == "the fit's config\n"  # refused before the config is saved
+    code, err = run(["validate", "--config", config], capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "config.yaml").read_text() == "the fit's config\n"
+    assert "class_path: r1_lightning.PolicySFT" in (tmp_path / "run" / "validate_config.yaml").read_text()
+
+
+# ------------------------------------------------------------------ 10. offline hub names fail fast
+@pytest.mark.parametrize("environment", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline-mode", "no-connection"])
+def test_a_hub_name_offline_fails_in_one_line_within_seconds(environment, tmp_path, capsys, monkeypatch):
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    code, err = run(["fit", "--model", "r1_lightning.PolicySFT", "--model.model_name_or_path", "someorg/not-here",
+                     "--data", "r1_lightning.ColdStartDataModule"], capsys)  # fmt: skip
+    assert time.monotonic() - started < 10 and code == 1 and "Traceback" not in err
+    reason = "HF_HUB_OFFLINE=1" if environment["HF_HUB_OFFLINE"] == "1" else "http://127.0.0.1:9: Connection refused"
+    assert [l for l in err.splitlines() if "error" in l] == [
+        f"r1-lightning: error: model_name_or_path='someorg/not-here': not a local directory and the hub is unreachable ({reason})"
+    ]
+
+
+# ------------------------------------------------------------------ polish: help, progress bar, warnings
+def test_help_and_the_missing_subcommand_error_name_recipe(capsys):
+    code, err = run([], capsys)
+    assert code == 2 and err.strip() == (
+        'r1-lightning: error: expected "subcommand" to be one of {fit,validate,test,predict,recipe}, but it was not provided.'
+    )
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.startswith("usage: r1-lightning ") and "r1-lightning recipe FILE [--output_dir DIR] [--fresh]" in printed
+
+
+def test_the_progress_bar_shows_readable_numbers_and_a_step_bounded_epoch():
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from r1_lightning.callbacks.progress import R1RichProgressBar, default_progress_bar, readable_metrics
+
+    assert readable_metrics({"lr": 3e-4, "lr-AdamW": 1e-6, "v_num": "latest", "train/reward": 0.25}) == {
+        "lr": "3.00e-04", "lr-AdamW": "1.00e-06", "train/reward": 0.25}  # fmt: skip
+    assert readable_metrics({"v_num": 3}) == {"v_num": 3}  # a numbered version is kept
+    bar = default_progress_bar()
+    assert isinstance(bar, R1RichProgressBar)  # rich is installed here, as Lightning would pick
+    for progress_bar, shown in ((bar, "Epoch 0"), (RichProgressBar(), "Epoch 0/-2")):  # ours, and what Lightning alone shows
+        trainer = L.Trainer(max_steps=5, max_epochs=-1, callbacks=[progress_bar], logger=False, enable_checkpointing=False)
+        progress_bar.setup(trainer, L.LightningModule(), "fit")
+        assert progress_bar._get_train_description(0).strip() == shown
+
+
+def test_known_harmless_warnings_are_silenced_and_others_are_not(tmp_path, recwarn):
+    from r1_lightning.cli import QuietKnownWarnings
+
+    class Frozen(L.LightningModule):
+        def __init__(self, frozen: bool) -> None:
+            super().__init__()
+            self.policy, self.reference = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).eval()
+            self.reference.requires_grad_(not frozen)
+
+    for frozen in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            QuietKnownWarnings().on_fit_start(None, Frozen(frozen))
+            warnings.warn("Found 1 module(s) in eval mode at the start of training. This may lead to ...", UserWarning)
+        assert len(caught) == (0 if frozen else 1)  # a trainable module left in eval mode still warns

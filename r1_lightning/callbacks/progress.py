@@ -43,7 +43,7 @@ class R1RichProgressBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:  # Lightning's method, overridden
         description = super()._get_train_description(current_epoch)
-        if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
             description = description.replace(f"/{self.trainer.max_epochs - 1}", "")
         return description
 
