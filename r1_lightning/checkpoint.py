@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from r1_lightning.errors import ConfigError
+from r1_lightning.parallel import is_sharded
 
 SHARDED_INDEX, SHARDED_STATE = ".metadata", "meta.pt"  # what a complete sharded checkpoint directory holds
 
@@ -213,8 +214,8 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any])
             f"{where} holds a {saved_class} checkpoint, but the config asks for {ours.__module__}.{ours.__name__}: "
             "resume a run with the module class that saved it"
         )
-    if "state_dict" in checkpoint:  # a sharded checkpoint's weights are loaded (and checked) by the strategy
-        problem = state_dict_mismatch(checkpoint["state_dict"], module.state_dict())
+    if "state_dict" in checkpoint and not is_sharded(module):  # sharded weights are loaded (and checked) by the strategy
+        problem = state_dict_mismatch(checkpoint["state_dict"], module.state_dict(), strict=module.strict_loading)
         if problem is not None:
             raise ConfigError(f"{where}: {problem}; a checkpoint of another model?")
     changed = hyperparameter_changes(saved, dict(module.hparams)) if isinstance(saved, dict) else []
@@ -222,18 +223,21 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any])
         rank_zero_info(f"{where}: the config's values are used, not the checkpoint's: {'; '.join(changed)}")
 
 
-def state_dict_mismatch(saved: dict[str, Any], expected: dict[str, Any]) -> str | None:
+def state_dict_mismatch(saved: dict[str, Any], expected: dict[str, Any], strict: bool = True) -> str | None:
     """What keeps ``saved`` from loading into a module whose state dict is ``expected``, or None.
 
+    A shared name of another shape always does; missing or extra names only when ``strict``
+    (as ``load_state_dict`` and Lightning's ``strict_loading``).
+
     >>> state_dict_mismatch({"w": torch.zeros(2, 3)}, {"w": torch.zeros(2, 4)})
-    'it holds w of shape [2, 3], the config's model has [2, 4]'
+    "it holds w of shape [2, 3], the config's model has [2, 4]"
     """
     for name, tensor in expected.items():
         if name in saved and list(getattr(tensor, "shape", [])) != list(getattr(saved[name], "shape", [])):
             return f"it holds {name} of shape {list(saved[name].shape)}, the config's model has {list(tensor.shape)}"
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
-    if missing or unexpected:
+    if strict and (missing or unexpected):
         parts = [f"{len(missing)} weight(s) of the config's model are missing (e.g. {missing[0]})"] if missing else []
         parts += [f"it holds {len(unexpected)} weight(s) the config's model does not have (e.g. {unexpected[0]})"] if unexpected else []
         return "; ".join(parts)

@@ -4,7 +4,10 @@
     r1-lightning recipe configs/recipes/r1_tiny.yaml
 
 Model and data are picked by ``class_path`` (any LightningModule / LightningDataModule,
-including the user's own). Errors in the user's input print one message and exit 1.
+including the user's own). Errors in the user's input print one message and exit 1. Besides
+LightningCLI's behaviour: a checkpoint never changes the configuration, SIGTERM / Ctrl-C save the
+step reached and exit 143 / 130, a fresh fit refuses an earlier run's checkpoint directory, and
+validate / test / predict save ``<subcommand>_config.yaml`` (README, "Failure behaviour").
 """
 
 from __future__ import annotations
@@ -26,9 +29,15 @@ from typing_extensions import override
 
 from r1_lightning.callbacks.preemption import PreemptionCheckpoint
 from r1_lightning.callbacks.progress import default_progress_bar
-from r1_lightning.checkpoint import AtomicCheckpointIO, ConfigOverCheckpoint, FreshRunCheck, load_checkpoint_file, require_lightning_checkpoint, resolve_checkpoint
+from r1_lightning.checkpoint import (
+    AtomicCheckpointIO,
+    ConfigOverCheckpoint,
+    FreshRunCheck,
+    load_checkpoint_file,
+    require_lightning_checkpoint,
+    resolve_checkpoint,
+)
 from r1_lightning.errors import UserError
-
 
 DESCRIPTION = (
     "The R1 pipeline's stages as Lightning runs. Subcommands: fit, validate, test, predict (below), and "
@@ -78,7 +87,7 @@ class R1CLI(LightningCLI):
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
-        # LightningCLI reads hyper-parameters from an explicit ckpt_path next: check the file first.
+        # An explicit ckpt_path is checked at once: a missing, corrupt or non-Lightning file is one line, before any loading.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last", "best", "hpc"):
