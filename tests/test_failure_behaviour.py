@@ -5,6 +5,8 @@ fail fast, and the command's help and progress bar say what they mean."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 import warnings
@@ -300,3 +302,20 @@ def test_known_harmless_warnings_are_silenced_and_others_are_not(tmp_path, recwa
             QuietKnownWarnings().on_fit_start(None, Frozen(frozen))
             warnings.warn("Found 1 module(s) in eval mode at the start of training. This may lead to ...", UserWarning)
         assert len(caught) == (0 if frozen else 1)  # a trainable module left in eval mode still warns
+
+
+class SigtermDuringValidation(L.Callback):
+    """Sends this process a real SIGTERM during the first validation batch."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validate_exits_143_not_0(tmp_path, capsys):
+    # Lightning's own handler stops an evaluation at the next batch with an exit status of 0; the CLI reports 143.
+    config = write(tmp_path / "sft.yaml", SFT_CONFIG.format(root=tmp_path / "run", steps=1))
+    args = ["validate", "--config", config, "--trainer.limit_val_batches", "2", "--data.num_val_samples", "4",
+            "--model.eval_max_new_tokens", "2", "--trainer.callbacks+=test_failure_behaviour.SigtermDuringValidation"]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 143, err[-2000:]
