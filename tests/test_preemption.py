@@ -37,6 +37,21 @@ class CompletionLog(Callback):
             handle.write(json.dumps({"step": trainer.global_step, "texts": outputs["rollout"].texts}) + "\n")
 
 
+class PauseFrom(Callback):
+    """Sleeps at the start of every step after ``step`` (in the run that gets the signal), so that the signal sent once
+    step ``step``'s checkpoint exists surely arrives during step ``step + 1``, on a loaded machine too."""
+
+    def __init__(self, step: int, seconds: float) -> None:
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            time.sleep(self.seconds)
+
+
+PAUSE = "    - class_path: test_preemption.PauseFrom\n      init_args: {step: 2, seconds: 2.0}\n"
+
+
 def env() -> dict[str, str]:
     """The CLI's environment with tests/ importable (for ``test_preemption.CompletionLog``)."""
     return {**cli_env(), "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -77,7 +92,7 @@ trainer:
       init_args: {{dirpath: {ckpt_dir}, every_n_train_steps: 2, save_top_k: -1}}
     - class_path: test_preemption.CompletionLog
       init_args: {{path: {root}/{version}.jsonl}}
-model:
+{pause}model:
   class_path: r1_lightning.GRPO
   init_args:
     model_name_or_path: builtin:tiny-small
@@ -96,12 +111,13 @@ data:
 def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(tmp_path) -> None:
     def config(version: str, ckpt_dir: Path) -> Path:
         path = tmp_path / f"{version}.yaml"
-        path.write_text(GRPO_CONFIG.format(root=tmp_path, version=version, ckpt_dir=ckpt_dir))
+        pause = PAUSE if version == "killed" else ""
+        path.write_text(GRPO_CONFIG.format(root=tmp_path, version=version, ckpt_dir=ckpt_dir, pause=pause))
         return path
 
     full = run("fit", config("uninterrupted", tmp_path / "ckpt_a"), tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
-    # SIGTERM once step 2's periodic checkpoint exists: the run finishes the step it is in and saves it.
+    # SIGTERM once step 2's periodic checkpoint exists (step 3 then pauses): the run finishes step 3 and saves it.
     ckpt_dir = tmp_path / "ckpt_b"
     job = fit_signalled_at(config("killed", ckpt_dir), ckpt_dir / "epoch=0-step=2.ckpt", tmp_path, signal.SIGTERM, whole_group=False, env=env())
     stderr = (tmp_path / "ckpt_b.stderr").read_text()
@@ -109,7 +125,7 @@ def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(tmp_path) -> None:
     saved = load_checkpoint_file(ckpt_dir / "last.ckpt")
     killed = _logged_steps(tmp_path / "logs" / "killed" / "metrics.csv")
     step = saved["global_step"]
-    assert 2 < step < 5 and max(killed) + 1 == step  # the step it was in, and no later one (metrics count from 0)
+    assert step == 3 and max(killed) + 1 == step  # the step it was in, and no later one (metrics count from 0)
     assert f"SIGTERM: saved step {step} to {ckpt_dir / 'last.ckpt'}; resume with --ckpt_path last" in stderr
     assert not (tmp_path / "logs" / "killed" / "hf_model").exists() and not list(ckpt_dir.glob(".*tmp*"))
 
@@ -141,7 +157,7 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {ckpt_dir}, every_n_train_steps: 2, save_top_k: -1}}
-model:
+{pause}model:
   class_path: r1_lightning.PolicySFT
   init_args: {{model_name_or_path: "builtin:tiny-small", learning_rate: 1.0e-2, warmup_steps: 1}}
 data:
@@ -154,14 +170,15 @@ data:
 def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_one_step_and_resumes_exactly(tmp_path) -> None:
     def config(version: str, ckpt_dir: Path) -> Path:
         path = tmp_path / f"{version}.yaml"
-        path.write_text(SFT_DDP_CONFIG.format(root=tmp_path, version=version, ckpt_dir=ckpt_dir))
+        pause = PAUSE if version == "killed" else ""
+        path.write_text(SFT_DDP_CONFIG.format(root=tmp_path, version=version, ckpt_dir=ckpt_dir, pause=pause))
         return path
 
     full = run("fit", config("uninterrupted", tmp_path / "ckpt_a"), tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     ckpt_dir = tmp_path / "ckpt_b"
     # To rank 0 only (the process the user started; it launched rank 1): the ranks agree at the step boundary.
-    job = fit_signalled_at(config("killed", ckpt_dir), ckpt_dir / "epoch=0-step=2.ckpt", tmp_path, signal.SIGTERM, whole_group=False)
+    job = fit_signalled_at(config("killed", ckpt_dir), ckpt_dir / "epoch=0-step=2.ckpt", tmp_path, signal.SIGTERM, whole_group=False, env=env())
     stderr = (tmp_path / "ckpt_b.stderr").read_text()
     assert job.returncode == 143, stderr[-3000:]
     deadline = time.monotonic() + 60
@@ -169,7 +186,7 @@ def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_one_step_and_resumes_exactly(
         assert time.monotonic() < deadline, "rank 1 kept running"
         time.sleep(0.1)
     saved = load_checkpoint_file(ckpt_dir / "last.ckpt")
-    assert len(saved["r1_rng_states"]) == 2 and saved["ColdStartDataModule"]["world_size"] == 2 and 2 < saved["global_step"] < 6
+    assert len(saved["r1_rng_states"]) == 2 and saved["ColdStartDataModule"]["world_size"] == 2 and saved["global_step"] == 3
 
     resumed = run("fit", config("resumed", ckpt_dir), tmp_path, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
