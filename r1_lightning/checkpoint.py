@@ -239,7 +239,8 @@ def state_dict_mismatch(saved: dict[str, Any], expected: dict[str, Any], strict:
     unexpected = [k for k in saved if k not in expected]
     if strict and (missing or unexpected):
         parts = [f"{len(missing)} weight(s) of the config's model are missing (e.g. {missing[0]})"] if missing else []
-        parts += [f"it holds {len(unexpected)} weight(s) the config's model does not have (e.g. {unexpected[0]})"] if unexpected else []
+        if unexpected:
+            parts.append(f"it holds {len(unexpected)} weight(s) the config's model does not have (e.g. {unexpected[0]})")
         return "; ".join(parts)
     return None
 

@@ -158,7 +158,9 @@ def fit_signalled_at(
     command = [sys.executable, "-m", "r1_lightning", "fit", "--config", str(config)]
     log = cwd / f"{checkpoint.parent.name}.stderr"  # a file, not a pipe: a full pipe would stall the run
     with log.open("w") as stderr:
-        job = subprocess.Popen(command, cwd=cwd, env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        job = subprocess.Popen(
+            command, cwd=cwd, env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
     deadline = time.monotonic() + timeout
     while not checkpoint.exists():
         assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

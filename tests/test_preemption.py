@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -119,7 +118,8 @@ def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(tmp_path) -> None:
     assert full.returncode == 0, full.stderr[-3000:]
     # SIGTERM once step 2's periodic checkpoint exists (step 3 then pauses): the run finishes step 3 and saves it.
     ckpt_dir = tmp_path / "ckpt_b"
-    job = fit_signalled_at(config("killed", ckpt_dir), ckpt_dir / "epoch=0-step=2.ckpt", tmp_path, signal.SIGTERM, whole_group=False, env=env())
+    step_2 = ckpt_dir / "epoch=0-step=2.ckpt"
+    job = fit_signalled_at(config("killed", ckpt_dir), step_2, tmp_path, signal.SIGTERM, whole_group=False, env=env())
     stderr = (tmp_path / "ckpt_b.stderr").read_text()
     assert job.returncode == 143, stderr[-3000:]
     saved = load_checkpoint_file(ckpt_dir / "last.ckpt")
@@ -178,7 +178,8 @@ def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_one_step_and_resumes_exactly(
     assert full.returncode == 0, full.stderr[-3000:]
     ckpt_dir = tmp_path / "ckpt_b"
     # To rank 0 only (the process the user started; it launched rank 1): the ranks agree at the step boundary.
-    job = fit_signalled_at(config("killed", ckpt_dir), ckpt_dir / "epoch=0-step=2.ckpt", tmp_path, signal.SIGTERM, whole_group=False, env=env())
+    step_2 = ckpt_dir / "epoch=0-step=2.ckpt"
+    job = fit_signalled_at(config("killed", ckpt_dir), step_2, tmp_path, signal.SIGTERM, whole_group=False, env=env())
     stderr = (tmp_path / "ckpt_b.stderr").read_text()
     assert job.returncode == 143, stderr[-3000:]
     deadline = time.monotonic() + 60

@@ -7,13 +7,10 @@ losses and the same final weights (CPU, float32).
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from conftest import cli_env, run_cli
+from conftest import run_cli
 from r1_lightning import ColdStartDataModule, Distillation
 from r1_lightning.checkpoint import load_checkpoint_file
 from r1_lightning.cli import main

@@ -76,7 +76,9 @@ class PreemptionCheckpoint(Callback):
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving it\n".encode())
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if pl_module.automatic_optimization and trainer.global_step == self._step_at_batch_start:
             return  # inside a gradient accumulation: not a step boundary
         signum = agreed_signal(self.requested, trainer.strategy.root_device)

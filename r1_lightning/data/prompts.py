@@ -14,7 +14,8 @@ from r1_lightning.data.tasks import ArithmeticTask
 from r1_lightning.errors import ConfigError
 from r1_lightning.policy import encode_prompt, render_prompt
 
-REWARD_ARGUMENTS = ("prompts", "completions")  # what a reward receives besides the columns: `reward(completions, *, prompts, **columns)`
+# What a reward receives besides the columns: `reward(completions, *, prompts, **columns)`.
+REWARD_ARGUMENTS = ("prompts", "completions")
 
 
 class PromptDataModule(L.LightningDataModule):
