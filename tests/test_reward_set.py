@@ -5,11 +5,13 @@ import math
 import pickle
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from r1_lightning.rewards import (
+    Accuracy,
     CosineScaledAccuracy,
     FailedScore,
     LenientFormat,
@@ -23,6 +25,8 @@ from r1_lightning.rewards import (
 )
 
 from reward_helpers import NAN, STRICT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- names
@@ -334,3 +338,46 @@ def test_grpo_logs_reward_failures_per_reward(tmp_path):
     assert logged["train/reward_failures/every_other_nan"] == [4.0]  # 2 prompts x G=4, half fail
     assert logged["train/reward_failures/constant_0.25"] == [0.0]
     assert logged["train/rewards/every_other_nan"] == [1.0]
+
+
+# ---------------------------------------------------------------- the default policy: built-in failures are counted
+
+
+def test_a_built_in_reward_timing_out_is_a_counted_failure_until_too_many(caplog):
+    # math-verify on a power tower never ends: its sample is left out and counted, the run goes on,
+    # until failures pass reward_max_failure_frac of the batch.
+    from test_rewards import PATHOLOGICAL
+
+    accuracy = Accuracy(timeout=1.0)
+    try:
+        reward_set = RewardSet([accuracy, StrictFormat()], weights=[1.0, 0.5], max_failure_frac=0.25)  # on_error="auto"
+        batch = dict(prompts=["p"] * 4, answer=["42"] * 4)
+        out = reward_set([PATHOLOGICAL, STRICT, STRICT, STRICT], **batch)
+        assert out.failures == {"accuracy": 1, "strict_format": 0}
+        assert out.failed.tolist() == [True, False, False, False]
+        assert torch.isnan(out.total[0]) and out.total[1:].tolist() == [1.5, 1.5, 1.5]  # left out, not scored 0.5
+        (warning,) = [r.getMessage() for r in caplog.records if "accuracy" in r.getMessage()]
+        assert "reward 'accuracy' on sample 0 of 4" in warning and "took longer than timeout=1s" in warning
+        assert "\n" not in warning  # one line
+        with pytest.raises(RewardError, match=r"rewards failed on 2 of 4 samples \(accuracy 2\), more than reward_max_failure_frac=0.25"):
+            reward_set([PATHOLOGICAL, PATHOLOGICAL, STRICT, STRICT], **batch)
+    finally:
+        accuracy.close()
+
+
+def test_a_users_reward_raising_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch):
+    from r1_lightning.cli import main as cli_main
+
+    extra = tmp_path / "rewards.yaml"
+    extra.write_text("model:\n  init_args:\n    rewards: [user_rewards.answer_length]\n    reward_weights: [1.0]\n")
+    monkeypatch.setattr("sys.argv", ["r1-lightning"])
+    args = ["fit", "--config", str(ROOT / "configs" / "grpo.yaml"), "--config", str(extra),
+            "--model.init_args.model_name_or_path", "builtin:tiny", "--model.init_args.max_new_tokens", "4", "--model.init_args.num_generations", "2", "--data.init_args.batch_size", "1",
+            "--data.init_args.num_samples", "2", "--trainer.max_steps", "1", "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "r1-lightning: error: reward 'answer_length' raised KeyError: 'reference'"
