@@ -228,48 +228,56 @@ def run_recipe(recipe: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]
         import torch
 
         torch.set_num_threads(int(recipe["threads"]))
-    rows = []
-    for stage in recipe["stages"]:
-        name, stage_dir = stage["name"], output_dir / stage["name"]
-        command = stage.get("command", "fit")
-        for directory in (stage_dir, stage_dir / "checkpoints"):
-            remove_stray_temporaries(directory)  # hf_model/, stage.json or a checkpoint of a killed write
-        done = stage_dir / "stage.json"
-        if done.is_file() and _stage_output(stage, stage_dir).exists():
-            print(f"[recipe] {name}: done before, skipped")
-            rows.append(json.loads(done.read_text()))
-            if name not in manifest["stages"]:  # made by a recipe (it has stage.json) before manifests existed
-                manifest["stages"][name] = {"wall_time_s": rows[-1].get("wall_time_s")}
-                _write_manifest(output_dir, manifest)
-            continue
-        record = manifest["stages"].get(name)
-        if record is None and stage_dir.exists() and any(stage_dir.iterdir()):
-            raise ConfigError(
-                f"{stage_dir} exists but the recipe did not make it (it is not in {output_dir / MANIFEST}): "
-                "move it away or choose another output_dir"
-            )
-        if record is None:
-            record = manifest["stages"][name] = {}
-            _write_manifest(output_dir, manifest)  # before anything is written there: --fresh may delete it
-        if command == "fit" and _stage_output(stage, stage_dir).exists() and "wall_time_s" in record:
-            print(f"[recipe] {name}: trained before, evaluating")
-        else:
-            resume = command == "fit" and has_checkpoint(stage_dir)
-            print(f"[recipe] {name}: {'resuming from its last checkpoint' if resume else 'running'}")
-            started = time.perf_counter()
-            run_stage(stage, stage_dir, output_dir, resume=resume)
-            record["wall_time_s"] = round(time.perf_counter() - started, 1)
-            _write_manifest(output_dir, manifest)
-        if command == "fit":
-            row = {"stage": name, **evaluate(recipe.get("evaluation"), stage_dir / "hf_model")}
-        else:
-            accepted = sum(1 for _ in _stage_output(stage, stage_dir).open())
-            row = {"stage": name, "accepted_rows": accepted}
-        row["wall_time_s"] = record["wall_time_s"]
-        write_text_atomic(done, json.dumps(row))
-        rows.append(row)
+    rows = [stage_row(stage, output_dir, manifest, recipe.get("evaluation")) for stage in recipe["stages"]]
     write_results(rows, output_dir)
     return rows
+
+
+def stage_row(stage: dict[str, Any], output_dir: Path, manifest: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """Run (or resume, or skip) one stage and return its row of the table; ``stage.json`` records it."""
+    name, stage_dir, command = stage["name"], output_dir / stage["name"], stage.get("command", "fit")
+    for directory in (stage_dir, stage_dir / "checkpoints"):
+        remove_stray_temporaries(directory)  # hf_model/, stage.json or a checkpoint of a killed write
+    done = stage_dir / "stage.json"
+    if done.is_file() and _stage_output(stage, stage_dir).exists():
+        print(f"[recipe] {name}: done before, skipped")
+        row = json.loads(done.read_text())
+        if name not in manifest["stages"]:  # made by a recipe (it has stage.json) before manifests existed
+            manifest["stages"][name] = {"wall_time_s": row.get("wall_time_s")}
+            _write_manifest(output_dir, manifest)
+        return row
+    record = _claim(stage_dir, output_dir, manifest)
+    if command == "fit" and _stage_output(stage, stage_dir).exists() and "wall_time_s" in record:
+        print(f"[recipe] {name}: trained before, evaluating")
+    else:
+        resume = command == "fit" and has_checkpoint(stage_dir)
+        print(f"[recipe] {name}: {'resuming from its last checkpoint' if resume else 'running'}")
+        started = time.perf_counter()
+        run_stage(stage, stage_dir, output_dir, resume=resume)
+        record["wall_time_s"] = round(time.perf_counter() - started, 1)  # of the last attempt
+        _write_manifest(output_dir, manifest)
+    if command == "fit":
+        row = {"stage": name, **evaluate(evaluation, stage_dir / "hf_model")}
+    else:
+        row = {"stage": name, "accepted_rows": sum(1 for _ in _stage_output(stage, stage_dir).open())}
+    row["wall_time_s"] = record["wall_time_s"]
+    write_text_atomic(done, json.dumps(row))
+    return row
+
+
+def _claim(stage_dir: Path, output_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's record of ``stage_dir``, added (and saved) before anything is written there."""
+    name = stage_dir.name
+    if name in manifest["stages"]:
+        return manifest["stages"][name]
+    if stage_dir.exists() and any(stage_dir.iterdir()):
+        raise ConfigError(
+            f"{stage_dir} exists but the recipe did not make it (it is not in {output_dir / MANIFEST}): "
+            "move it away or choose another output_dir"
+        )
+    manifest["stages"][name] = {}
+    _write_manifest(output_dir, manifest)  # --fresh may delete what the manifest lists
+    return manifest["stages"][name]
 
 
 def has_checkpoint(stage_dir: Path) -> bool:

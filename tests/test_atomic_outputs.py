@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import cli_env
-from test_callbacks import _prediction
 
 from r1_lightning.atomic import directory_writer, remove_stray_temporaries, write_text_atomic
 from r1_lightning.callbacks import RejectionSamplingWriter
@@ -96,8 +95,12 @@ def test_rejection_sampling_that_accepts_nothing_keeps_the_earlier_file_and_says
     strategy = SimpleNamespace(barrier=lambda *args: None, reduce=lambda tensor, reduce_op: tensor)
     trainer = SimpleNamespace(default_root_dir=str(tmp_path), global_rank=0, world_size=1, is_global_zero=True, strategy=strategy, loggers=[])
     module = SimpleNamespace(device=torch.device("cpu"))
-    prediction = _prediction([0, 1])
-    prediction["scores"]["accuracy"] = [0.0] * 6  # every sample wrong
+    completion = "<think>\nx\n</think>\n<answer>\n3\n</answer>"
+    prediction = {  # 2 prompts x 3 samples, every one wrong
+        "indices": [0, 1], "prompts": ["Compute 0.", "Compute 1."], "columns": {"answer": ["0", "1"]}, "num_generations": 3,
+        "completions": [completion] * 6, "lengths": [20] * 6, "truncated": [False] * 6, "total": [1.0] * 6,
+        "scores": {"accuracy": [0.0] * 6, "lenient_format": [1.0] * 6},
+    }
     writer.on_predict_start(trainer, module)
     writer.write_on_batch_end(trainer, module, prediction, None, None, 0)
     with pytest.raises(UserError, match=r"accepted none of 6 samples \(rejected: accuracy 6\); .* was not written \(an earlier file"):
