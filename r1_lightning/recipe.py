@@ -172,7 +172,9 @@ def clear_outputs(output_dir: Path) -> list[Path]:
     home = Path.home().resolve()
     protected = {Path(resolved.anchor), home, *Path.cwd().resolve().parents, Path.cwd().resolve()}
     if resolved in protected or resolved == home.parent:
-        raise ConfigError(f"--fresh: output_dir={str(output_dir)!r} is {resolved}: the recipe never clears a root, home or working directory")
+        raise ConfigError(
+            f"--fresh: output_dir={str(output_dir)!r} is {resolved}: the recipe never clears a root, home or working directory"
+        )
     manifest = read_manifest(output_dir)
     if manifest is None:
         if any(output_dir.iterdir()):

@@ -156,9 +156,11 @@ class PromptDataModule(L.LightningDataModule):
         # Every rank must run as many batches (generation steps all ranks together), so the prompts are padded
         # by repeating a few (DistributedSampler), not split unevenly as Lightning's predict sampler would; the
         # rejection-sampling writer drops the repeats.
-        sampler = DistributedSampler(self.examples["predict"], num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
         examples = self.examples["predict"]
-        return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_prompts, num_workers=self.hparams.num_workers)
+        sampler = DistributedSampler(examples, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+        return DataLoader(
+            examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_prompts, num_workers=self.hparams.num_workers
+        )
 
     def _loader(self, name: str, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(self.examples[name], batch_size=batch_size, shuffle=shuffle, collate_fn=collate_prompts, num_workers=self.hparams.num_workers)
