@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from r1_lightning.atomic import directory_writer
 from r1_lightning.policy import unwrap_model
 
 
@@ -20,7 +20,7 @@ def export_hf_model(trainer: L.Trainer, model: torch.nn.Module, tokenizer, subdi
     """Gather a full state dict (sharded or not), merge any LoRA adapter, and save once on rank 0.
 
     Every rank must call this (the gather is a collective). A LoRA model is exported merged, and
-    keeps its adapter. Returns the directory.
+    keeps its adapter. The directory is replaced whole (``save_hf_directory``). Returns the directory.
     """
     target = log_dir(trainer) / subdir
     if hasattr(model, "merge_adapter"):
@@ -28,13 +28,22 @@ def export_hf_model(trainer: L.Trainer, model: torch.nn.Module, tokenizer, subdi
     else:
         state_dict = full_state_dict(trainer, model)
     if trainer.is_global_zero:
-        hf = unwrap_model(model)
-        os.makedirs(target, exist_ok=True)
         state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        hf.save_pretrained(target, state_dict=state_dict)
-        tokenizer.save_pretrained(target)
+        save_hf_directory(target, unwrap_model(model), tokenizer, state_dict)
     trainer.strategy.barrier("export_hf_model")
     return target
+
+
+def save_hf_directory(target: Path, model: torch.nn.Module, tokenizer, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` of the model and tokenizer into ``target``, atomically.
+
+    Everything is written into a temporary sibling, fsynced and renamed over ``target``: a failed
+    or killed write (disk full, a file-size limit) leaves the previous export whole, never new
+    ``config.json`` beside old weights. A killed write's leftovers go at the next export.
+    """
+    with directory_writer(target) as temporary:
+        model.save_pretrained(temporary, state_dict=state_dict)
+        tokenizer.save_pretrained(temporary)
 
 
 def full_state_dict(trainer: L.Trainer, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -20,9 +20,18 @@ A recipe is a plain YAML file::
         config: [configs/distill.yaml]
         teacher_from: grpo           # teacher_name_or_path = <output_dir>/grpo/hf_model (Distillation)
 
+Paths in a recipe (stage configs, the evaluation config, and values of path options in ``args``
+such as ``--data.init_args.path``) are read relative to the recipe file's directory, else the
+working directory; ``output_dir`` is relative to the working directory.
+
+The recipe records every stage directory it makes in ``<output_dir>/recipe_manifest.json``.
 A stage that already has ``hf_model/`` and ``stage.json`` is skipped (re-running resumes the
-chain); ``--fresh`` deletes the output directory first. At the end the recipe prints a table
-(stage, model parameters, held-out accuracy, maj@k, format rate, mean reasoning length, wall time) and writes it
+chain); a ``fit`` stage that was killed mid-run continues from its last checkpoint
+(``--ckpt_path last``); one that finished training but not its evaluation is only evaluated.
+``--fresh`` deletes the recorded stage directories and the recipe's own files, nothing else, and
+refuses a directory without the manifest. Outputs (``stage.json``, ``results.csv``,
+``results.png``) are replaced atomically. At the end the recipe prints a table (stage, model
+parameters, held-out accuracy, maj@k, format rate, mean reasoning length, wall time) and writes it
 as ``results.csv`` and ``results.png`` in the output directory.
 """
 
@@ -30,7 +39,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import os
+import re
 import shutil
 import sys
 import time
@@ -39,27 +51,36 @@ from typing import Any
 
 import yaml
 
+from r1_lightning.atomic import remove_stray_temporaries, write_bytes_atomic, write_text_atomic
 from r1_lightning.errors import ConfigError
 
 COLUMNS = ["stage", "params", "accuracy", "maj@k", "format", "reasoning_length", "accepted_rows", "wall_time_s"]
+MANIFEST = "recipe_manifest.json"  # in output_dir: the stage directories this recipe made (what --fresh may delete)
+RESULTS = ("results.csv", "results.png")
+# Options in a stage's `args` whose value is a path read relative to the recipe's directory.
+_PATH_OPTION = re.compile(r"(^|[._-])(path|config|[a-z_]*_path|[a-z_]*name_or_path)$")
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="r1-lightning recipe", description="Run a multi-stage R1 recipe.")
     parser.add_argument("recipe", help="the recipe YAML")
     parser.add_argument("--output_dir", help="overrides the recipe's output_dir")
-    parser.add_argument("--fresh", action="store_true", help="delete the output directory and run every stage")
+    parser.add_argument(
+        "--fresh", action="store_true", help=f"delete the stage directories an earlier run recorded in {MANIFEST}, then run every stage"
+    )
     options = parser.parse_args(argv)
     recipe = load_recipe(options.recipe)
-    output_dir = Path(options.output_dir or recipe.get("output_dir", "runs/recipe"))
-    if options.fresh and output_dir.exists():
-        shutil.rmtree(output_dir)
+    output_dir = output_directory(options.output_dir if options.output_dir is not None else recipe.get("output_dir", "runs/recipe"))
+    if options.fresh:
+        for path in clear_outputs(output_dir):
+            print(f"[recipe] --fresh: removed {path}")
     rows = run_recipe(recipe, output_dir)
     print(format_table(rows))
     print(f"results: {output_dir / 'results.csv'} and {output_dir / 'results.png'}; logs: tensorboard --logdir {output_dir}")
 
 
 def load_recipe(path: str) -> dict[str, Any]:
+    """The recipe, checked, with its paths resolved (``resolve_path``) against the recipe's directory."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"recipe {path!r}: no such file")
@@ -72,57 +93,210 @@ def load_recipe(path: str) -> dict[str, Any]:
     threads = recipe.get("threads")
     if threads is not None and not (isinstance(threads, int) and threads >= 1):
         raise ConfigError(f"recipe {path}: threads={threads!r} must be a positive integer")
-    names = set()
+    if "output_dir" in recipe:
+        output_directory(recipe["output_dir"], f"recipe {path}: ")
+    base = file.resolve().parent
+    names: set[str] = set()
     for index, stage in enumerate(recipe["stages"]):
         if not isinstance(stage, dict) or "name" not in stage or "config" not in stage:
             raise ConfigError(f"recipe {path}: stage {index} needs 'name' and 'config'")
+        check_stage_name(stage["name"], f"recipe {path}: stage {index}: ")
+        if stage["name"] in names:
+            raise ConfigError(f"recipe {path}: two stages are named {stage['name']!r} (each stage needs its own directory)")
         for key in ("model_from", "data_from", "teacher_from"):
             if stage.get(key) and stage[key] not in names:
                 raise ConfigError(f"recipe {path}: stage {stage['name']!r} takes {key}={stage[key]!r}, which is not an earlier stage")
         names.add(stage["name"])
-        for config in _as_list(stage["config"]):
-            if not Path(config).is_file():
-                raise ConfigError(f"recipe {path}: stage {stage['name']!r}: config {config!r} not found")
+        stage["config"] = [_existing_config(c, base, f"recipe {path}: stage {stage['name']!r}: ") for c in _as_list(stage["config"])]
+        stage["args"] = resolve_args(stage.get("args", []), base)
+    evaluation = recipe.get("evaluation")
+    if evaluation:
+        if not isinstance(evaluation, dict) or "config" not in evaluation:
+            raise ConfigError(f"recipe {path}: evaluation needs 'config'")
+        evaluation["config"] = [_existing_config(c, base, f"recipe {path}: evaluation: ") for c in _as_list(evaluation["config"])]
+        evaluation["args"] = resolve_args(evaluation.get("args", []), base)
     return recipe
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """``value`` under the recipe's directory ``base`` if it exists there, else ``value`` as given (the working directory)."""
+    if not value or os.path.isabs(value) or ":" in value.split("/")[0]:  # absolute, or builtin:tiny / s3://
+        return value
+    candidate = base / value
+    return str(candidate) if candidate.exists() else value
+
+
+def resolve_args(args: list[Any], base: Path) -> list[str]:
+    """A stage's CLI ``args`` with the values of path options (``--data.init_args.path X``, ``--x_path=X``) resolved."""
+    args, resolved = [str(a) for a in args], []
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if arg.startswith("--") and equals and _PATH_OPTION.search(option[2:]):
+            arg = f"{option}={resolve_path(value, base)}"
+        elif i > 0 and args[i - 1].startswith("--") and "=" not in args[i - 1] and _PATH_OPTION.search(args[i - 1][2:]):
+            arg = resolve_path(arg, base)
+        resolved.append(arg)
+    return resolved
+
+
+def _existing_config(config: Any, base: Path, where: str) -> str:
+    resolved = resolve_path(str(config), base)
+    if not Path(resolved).is_file():
+        raise ConfigError(f"{where}config {str(config)!r} not found (looked in {base} and in the working directory {Path.cwd()})")
+    return resolved
+
+
+def check_stage_name(name: Any, where: str = "") -> None:
+    """A stage name is a directory name of its own: not empty, no path separator, not ``.`` or ``..``."""
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"{where}stage name {name!r}: must be a plain directory name (not empty, no '/' or '\\\\', not '.' or '..')")
+
+
+def output_directory(value: Any, where: str = "") -> Path:
+    """``output_dir`` as a path; an empty or non-string value is refused (``""`` used to mean the working directory)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}output_dir={value!r}: name a directory of its own for the recipe's outputs (e.g. runs/my_recipe)")
+    return Path(value)
+
+
+def clear_outputs(output_dir: Path) -> list[Path]:
+    """``--fresh``: delete the stage directories ``MANIFEST`` records, the results and the manifest; return them.
+
+    Nothing else is touched. Refused (``ConfigError``, nothing deleted): a filesystem root, a home
+    directory, the working directory or one of its parents, and a non-empty directory without the
+    manifest (a recipe did not make it).
+    """
+    if not output_dir.exists():
+        return []
+    resolved = output_dir.resolve()
+    home = Path.home().resolve()
+    protected = {Path(resolved.anchor), home, *Path.cwd().resolve().parents, Path.cwd().resolve()}
+    if resolved in protected or resolved == home.parent:
+        raise ConfigError(
+            f"--fresh: output_dir={str(output_dir)!r} is {resolved}: the recipe never clears a root, home or working directory"
+        )
+    manifest = read_manifest(output_dir)
+    if manifest is None:
+        if any(output_dir.iterdir()):
+            raise ConfigError(
+                f"--fresh: {output_dir} has no {MANIFEST}, so a recipe did not make it; nothing was deleted. "
+                "Choose another output_dir, or empty it yourself"
+            )
+        return []
+    removed = []
+    for name in manifest["stages"]:
+        check_stage_name(name, f"{output_dir / MANIFEST}: ")
+        path = output_dir / name
+        if path.is_symlink():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(path)
+    for name in RESULTS:
+        if (output_dir / name).is_file():
+            (output_dir / name).unlink()
+            removed.append(output_dir / name)
+    (output_dir / MANIFEST).unlink()
+    return removed
+
+
+def read_manifest(output_dir: Path) -> dict[str, Any] | None:
+    """The manifest in ``output_dir`` (``{"stages": {name: {...}}}``), or None without one."""
+    path = output_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not the JSON a recipe writes ({error}); remove it if this directory is not a recipe's") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise ConfigError(f"{path}: not a recipe manifest (no 'stages' mapping)")
+    return manifest
+
+
+def _write_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
+    write_text_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def run_recipe(recipe: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
     output_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(output_dir) or {"made_by": "r1-lightning recipe", "stages": {}}
+    _write_manifest(output_dir, manifest)
+    remove_stray_temporaries(output_dir)  # results.* of a killed write
     if recipe.get("threads"):
         # Float reductions split differently over threads: a fixed count makes the table the same on any machine.
         import torch
 
         torch.set_num_threads(int(recipe["threads"]))
-    rows = []
-    for stage in recipe["stages"]:
-        stage_dir = output_dir / stage["name"]
-        done = stage_dir / "stage.json"
-        if done.is_file() and _stage_output(stage, stage_dir).exists():
-            print(f"[recipe] {stage['name']}: done before, skipped")
-            rows.append(json.loads(done.read_text()))
-            continue
-        print(f"[recipe] {stage['name']}: running")
-        started = time.perf_counter()
-        run_stage(stage, stage_dir, output_dir)
-        wall = time.perf_counter() - started
-        if stage.get("command", "fit") == "fit":
-            row = {"stage": stage["name"], **evaluate(recipe.get("evaluation"), stage_dir / "hf_model")}
-        else:
-            accepted = sum(1 for _ in _stage_output(stage, stage_dir).open())
-            row = {"stage": stage["name"], "accepted_rows": accepted}
-        row["wall_time_s"] = round(wall, 1)
-        done.write_text(json.dumps(row))
-        rows.append(row)
+    rows = [stage_row(stage, output_dir, manifest, recipe.get("evaluation")) for stage in recipe["stages"]]
     write_results(rows, output_dir)
     return rows
+
+
+def stage_row(stage: dict[str, Any], output_dir: Path, manifest: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """Run (or resume, or skip) one stage and return its row of the table; ``stage.json`` records it."""
+    name, stage_dir, command = stage["name"], output_dir / stage["name"], stage.get("command", "fit")
+    for directory in (stage_dir, stage_dir / "checkpoints"):
+        remove_stray_temporaries(directory)  # hf_model/, stage.json or a checkpoint of a killed write
+    done = stage_dir / "stage.json"
+    if done.is_file() and _stage_output(stage, stage_dir).exists():
+        print(f"[recipe] {name}: done before, skipped")
+        row = json.loads(done.read_text())
+        if name not in manifest["stages"]:  # made by a recipe (it has stage.json) before manifests existed
+            manifest["stages"][name] = {"wall_time_s": row.get("wall_time_s")}
+            _write_manifest(output_dir, manifest)
+        return row
+    record = _claim(stage_dir, output_dir, manifest)
+    if command == "fit" and _stage_output(stage, stage_dir).exists() and "wall_time_s" in record:
+        print(f"[recipe] {name}: trained before, evaluating")
+    else:
+        resume = command == "fit" and has_checkpoint(stage_dir)
+        print(f"[recipe] {name}: {'resuming from its last checkpoint' if resume else 'running'}")
+        started = time.perf_counter()
+        run_stage(stage, stage_dir, output_dir, resume=resume)
+        record["wall_time_s"] = round(time.perf_counter() - started, 1)  # of the last attempt
+        _write_manifest(output_dir, manifest)
+    if command == "fit":
+        row = {"stage": name, **evaluate(evaluation, stage_dir / "hf_model")}
+    else:
+        row = {"stage": name, "accepted_rows": sum(1 for _ in _stage_output(stage, stage_dir).open())}
+    row["wall_time_s"] = record["wall_time_s"]
+    write_text_atomic(done, json.dumps(row))
+    return row
+
+
+def _claim(stage_dir: Path, output_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's record of ``stage_dir``, added (and saved) before anything is written there."""
+    name = stage_dir.name
+    if name in manifest["stages"]:
+        return manifest["stages"][name]
+    if stage_dir.exists() and any(stage_dir.iterdir()):
+        raise ConfigError(
+            f"{stage_dir} exists but the recipe did not make it (it is not in {output_dir / MANIFEST}): "
+            "move it away or choose another output_dir"
+        )
+    manifest["stages"][name] = {}
+    _write_manifest(output_dir, manifest)  # --fresh may delete what the manifest lists
+    return manifest["stages"][name]
+
+
+def has_checkpoint(stage_dir: Path) -> bool:
+    """Whether an earlier attempt of this stage left a checkpoint (a ``*.ckpt`` file or sharded directory) under ``stage_dir``."""
+    return stage_dir.is_dir() and any(stage_dir.rglob("*.ckpt"))
 
 
 def _stage_output(stage: dict[str, Any], stage_dir: Path) -> Path:
     return stage_dir / ("hf_model/config.json" if stage.get("command", "fit") == "fit" else "accepted.jsonl")
 
 
-def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path) -> None:
-    """One LightningCLI run (``fit``, or ``predict`` for rejection sampling) writing into ``stage_dir``."""
+def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path, resume: bool = False) -> None:
+    """One LightningCLI run (``fit``, or ``predict`` for rejection sampling) writing into ``stage_dir``.
+
+    With ``resume`` (a ``fit`` stage whose directory holds an earlier attempt's checkpoint) it
+    continues from the newest complete checkpoint (``--ckpt_path last``).
+    """
     command = stage.get("command", "fit")
     if command not in ("fit", "predict"):
         raise ConfigError(f"recipe stage {stage['name']!r}: command={command!r}; use fit or predict")
@@ -141,6 +315,8 @@ def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path) -> None:
     if stage.get("teacher_from"):
         args += ["--model.init_args.teacher_name_or_path", str(output_dir / stage["teacher_from"] / "hf_model")]
     args += [str(a) for a in stage.get("args", [])]
+    if resume:
+        args += ["--ckpt_path", "last"]
     stage_dir.mkdir(parents=True, exist_ok=True)
     _cli(args)
 
@@ -165,10 +341,12 @@ def evaluate(evaluation: dict[str, Any] | None, model_dir: Path) -> dict[str, An
 
 
 def write_results(rows: list[dict[str, Any]], output_dir: Path) -> None:
-    with (output_dir / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    """``results.csv`` and ``results.png``, each replaced atomically."""
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(output_dir / "results.csv", table.getvalue())
     plot_results(rows, output_dir / "results.png")
 
 
@@ -191,8 +369,10 @@ def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
     for axis in axes:
         axis.tick_params(axis="x", labelrotation=20)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
     plt.close(figure)
+    write_bytes_atomic(path, image.getvalue())
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

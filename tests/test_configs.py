@@ -79,10 +79,10 @@ def test_callback_fragment_merges_into_a_stage_config(path, capsys):
 
 
 @pytest.mark.parametrize("path", [p for p in FILES if RECIPES in p.parents], ids=_id)
-def test_recipe_and_its_stage_configs_parse(path, capsys, monkeypatch):
+def test_recipe_and_its_stage_configs_parse(path, capsys, monkeypatch, tmp_path):
     from r1_lightning.recipe import load_recipe
 
-    monkeypatch.chdir(REPO_ROOT)  # a recipe names its configs relative to the repository
+    monkeypatch.chdir(tmp_path)  # a recipe's configs are found relative to the recipe file, from any working directory
     recipe = load_recipe(str(path))
     for stage in recipe["stages"]:
         args = ["fit"] + [a for c in _as_list(stage["config"]) for a in ("--config", c)]

@@ -334,6 +334,25 @@ def _fit(module, data, tmp_path, steps, **kwargs) -> L.Trainer:
     return trainer
 
 
+def test_on_policy_samples_are_seeded_per_prompt_so_ranks_sample_as_one_process(batch):
+    """The batch split as two ranks get it (DistributedSampler interleaves): every prompt's sample is the one
+    the whole batch in one process gets, because its generator is seeded by (seed, dataset index, step)."""
+    module = Distillation("builtin:tiny-small", "builtin:tiny", loss="jsd", on_policy_fraction=1.0, max_new_tokens=8)
+    module.configure_model()
+    whole = module._training_rows(batch, 0)[0][0]
+    assert batch["indices"] == [0, 1, 2, 3]
+
+    def completions(rows):  # the sampled completion tokens of each row
+        return [ids[mask].tolist() for ids, mask in zip(rows["input_ids"], rows["loss_mask"])]
+
+    expected = completions(whole)
+    assert len(set(map(tuple, expected))) == 4  # temperature 1: distinct samples, not one repeated stream
+    for rank in (0, 1):
+        rows = [0 + rank, 2 + rank]
+        share = {k: [v[i] for i in rows] if isinstance(v, list) else v[rows] for k, v in batch.items()}
+        assert completions(module._training_rows(share, 0)[0][0]) == [expected[i] for i in rows]
+
+
 def test_on_policy_rows_are_the_students_samples(batch):
     module = Distillation(
         "builtin:tiny-small", "builtin:tiny", loss="jsd", on_policy_fraction=0.5, max_new_tokens=6, generation_temperature=0.0

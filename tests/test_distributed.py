@@ -16,7 +16,8 @@ Tolerances, and what the runs give (float32 sums in another order and over other
   GRPO's loss is mostly β·KL between two nearby models (~1e-4), a difference of near-equal
   log-probs, and AdamW's first steps are ~lr·sign(gradient): a gradient element at rounding level
   moves by ±lr either way, a tiny change of the weights that shows up relatively large in the KL.
-  GRPO's sampled completions (rewards, lengths) agree exactly: the sampling seeds are per prompt.
+  GRPO's sampled completions (rewards, lengths) agree exactly: the sampling seeds are per prompt, as
+  are distillation's on-policy samples (half of each batch's rows are the student's own samples).
 - Weights: ||w_N - w_1|| / ||w_1 - w_init|| per tensor: ≤ 3e-6 for SFT and distillation, a median
   of 2e-6 and a maximum of ~1e-4 for GRPO's policy and reference (the same AdamW effect). The
   attention key biases are left out: their true gradient is 0 (softmax ignores a shift shared by
@@ -26,6 +27,7 @@ Tolerances, and what the runs give (float32 sums in another order and over other
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -86,7 +88,7 @@ data:
 model:
   class_path: r1_lightning.Distillation
   init_args: {model_name_or_path: "builtin:tiny-small", teacher_name_or_path: "builtin:tiny", learning_rate: 3.0e-3,
-              warmup_steps: 1, eval_max_new_tokens: 6}
+              warmup_steps: 1, eval_max_new_tokens: 6, on_policy_fraction: 0.5, max_new_tokens: 8}   # half the rows: student samples
 data:
   class_path: r1_lightning.ColdStartDataModule
   init_args: {batch_size: BATCH, max_length: 160, num_samples: 16, num_val_samples: 4}
@@ -281,3 +283,46 @@ def test_outside_a_process_group_nothing_is_sharded_or_reduced():
     assert shard_for_strategy(module, module.model) is module.model  # no device mesh: DDP / one device
     assert global_normalizer(torch.tensor(7.0)) == 7.0
     assert run_gathered(module.model, lambda a, b: a + b, 2, b=3) == 5
+
+
+# --- rejection sampling, 2 real processes ------------------------------------------------------------
+RS_CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: r1_lightning.callbacks.RejectionSamplingWriter
+      init_args: {keep: all, require: [accuracy]}
+model:
+  class_path: r1_lightning.GRPO
+  init_args:
+    model_name_or_path: MODEL   # the cold-start SFT model: right about 70% of the time at temperature 1
+    beta: 0.0
+    num_generations: 3
+    max_new_tokens: 96
+data:
+  class_path: r1_lightning.PromptDataModule
+  init_args: {max_prompt_length: 64, num_samples: 5, val_batch_size: 2}
+"""
+
+
+@pytest.mark.slow  # 2-process CLI runs
+def test_rejection_sampling_with_two_processes_writes_what_one_writes(cli, tmp_path):
+    """5 prompts: the distributed sampler pads rank 1 with a repeated prompt, which the merge drops."""
+    config = tmp_path / "rs.yaml"
+    config.write_text(RS_CONFIG.replace("MODEL", str(Path(__file__).parent / "assets" / "tiny_sft")))
+    files = {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices{devices}"
+        strategy = ["--trainer.strategy", "ddp"] if devices > 1 else []
+        args = ["predict", "--config", config, "--trainer.devices", devices, *strategy, "--trainer.default_root_dir", root]
+        result = cli([*args, "--return_predictions", "false"], tmp_path, timeout=RUN_TIMEOUT_S)
+        assert result.returncode == 0, explain(result)
+        files[devices] = (root / "accepted.jsonl").read_text()
+        assert not [p.name for p in root.iterdir() if ".rank" in p.name or ".tmp-" in p.name]  # no share or temporary file left
+    rows = [json.loads(line) for line in files[1].splitlines()]
+    assert 0 < len(rows) < 5 * 3 and len({r["prompt"] for r in rows}) > 1  # some samples rejected, several prompts kept
+    assert len({r["completion"] for r in rows}) == len(rows)
+    assert files[2] == files[1]

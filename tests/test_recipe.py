@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import cli_env
+from safetensors.torch import load_file
 
 from r1_lightning.errors import ConfigError
-from r1_lightning.recipe import load_recipe, main
+from r1_lightning.recipe import MANIFEST, clear_outputs, load_recipe, main, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GRPO = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--model.init_args.max_new_tokens", "12",
@@ -96,3 +105,181 @@ def test_recipe_errors_name_the_problem(tmp_path) -> None:
         load_recipe(str(path))
     with pytest.raises(ConfigError, match="no such file"):
         load_recipe(str(tmp_path / "missing.yaml"))
+
+
+# ------------------------------------------------------------------ --fresh deletes only what a recipe wrote
+def _tiny_recipe(path: Path, **extra) -> Path:
+    path.write_text(yaml.safe_dump({**extra, "stages": [{"name": "sft", "config": [str(ROOT / "configs/sft.yaml")]}]}))
+    return path
+
+
+def test_fresh_with_an_empty_output_dir_is_refused_and_deletes_nothing(tmp_path, monkeypatch) -> None:
+    # The reported bug: `output_dir: ""` made --fresh empty the working directory, user files included.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    recipe = _tiny_recipe(tmp_path / "recipe.yaml", output_dir="")
+    with pytest.raises(ConfigError, match="output_dir=''"):
+        main([str(recipe), "--fresh"])
+    with pytest.raises(ConfigError, match="output_dir=''"):
+        main([str(_tiny_recipe(tmp_path / "plain.yaml")), "--output_dir", "", "--fresh"])
+    assert (work / "mine.txt").read_text() == "precious"
+
+
+def test_fresh_removes_only_the_stage_directories_the_recipe_recorded(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    (out / "sft" / "checkpoints").mkdir(parents=True)
+    (out / "sft" / "checkpoints" / "last.ckpt").write_text("x")
+    (out / "mine").mkdir()
+    (out / "notes.txt").write_text("keep")
+    (out / "results.csv").write_text("stage\n")
+    # Without the recipe's manifest nothing is deleted.
+    with pytest.raises(ConfigError, match="has no recipe_manifest.json"):
+        clear_outputs(out)
+    assert (out / "sft" / "checkpoints" / "last.ckpt").is_file()
+    (out / MANIFEST).write_text(json.dumps({"stages": {"sft": {}, "never_ran": {}}}))
+    removed = clear_outputs(out)
+    assert sorted(p.name for p in removed) == ["results.csv", "sft"]
+    assert sorted(p.name for p in out.iterdir()) == ["mine", "notes.txt"]  # the user's files stay
+    # A manifest naming a path outside output_dir (edited, or not ours) is refused before anything goes.
+    (tmp_path / "victim").mkdir()
+    (out / MANIFEST).write_text(json.dumps({"stages": {"../victim": {}}}))
+    with pytest.raises(ConfigError, match="stage name '../victim'"):
+        clear_outputs(out)
+    assert (tmp_path / "victim").is_dir()
+    # Never a root, a home or the working directory (or one of its parents), manifest or not.
+    monkeypatch.chdir(out)
+    for protected in (Path("/"), Path.home(), Path("."), tmp_path):
+        with pytest.raises(ConfigError, match="never clears a root, home or working directory"):
+            clear_outputs(protected)
+
+
+def test_stage_names_are_plain_directory_names(tmp_path) -> None:
+    for name in ["", "a/b", "..", ".", "a\\b", 3]:
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({"stages": [{"name": name, "config": [str(ROOT / "configs/sft.yaml")]}]}))
+        with pytest.raises(ConfigError, match="must be a plain directory name"):
+            load_recipe(str(path))
+    path.write_text(yaml.safe_dump({"stages": [{"name": "a", "config": [str(ROOT / "configs/sft.yaml")]}] * 2}))
+    with pytest.raises(ConfigError, match="two stages are named 'a'"):
+        load_recipe(str(path))
+
+
+def test_a_stage_directory_the_recipe_did_not_make_is_not_written_into(tmp_path) -> None:
+    out = tmp_path / "out"
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="exists but the recipe did not make it"):
+        run_recipe(load_recipe(str(_tiny_recipe(tmp_path / "r.yaml"))), out)
+    assert (out / "sft" / "mine.txt").read_text() == "keep"
+
+
+# ------------------------------------------------------------------ paths relative to the recipe file
+def test_recipe_paths_resolve_against_the_recipe_directory_then_the_working_directory(tmp_path, monkeypatch) -> None:
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "recipes").mkdir(parents=True)
+    elsewhere.mkdir()
+    (project / "stage.yaml").write_text("{}\n")
+    (project / "recipes" / "train.jsonl").write_text("{}\n")
+    (elsewhere / "local.yaml").write_text("{}\n")
+    (elsewhere / "val.jsonl").write_text("{}\n")
+    recipe = project / "recipes" / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "evaluation": {"config": "../stage.yaml"},
+        "stages": [{"name": "a", "config": ["../stage.yaml", "local.yaml"],
+                    "args": ["--data.init_args.path", "train.jsonl", "--data.init_args.val_path=val.jsonl",
+                             "--model.init_args.model_name_or_path", "builtin:tiny", "--trainer.max_steps", "train.jsonl"]}],
+    }))
+    monkeypatch.chdir(elsewhere)
+    loaded = load_recipe("../project/recipes/r.yaml")
+    stage = loaded["stages"][0]
+    assert stage["config"] == [str(project / "recipes" / "../stage.yaml"), "local.yaml"]  # recipe's directory, else the working one
+    assert Path(stage["config"][0]).resolve() == project / "stage.yaml"
+    assert stage["args"] == ["--data.init_args.path", str(project / "recipes" / "train.jsonl"), "--data.init_args.val_path=val.jsonl",
+                             "--model.init_args.model_name_or_path", "builtin:tiny", "--trainer.max_steps", "train.jsonl"]
+    assert Path(loaded["evaluation"]["config"][0]).resolve() == project / "stage.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [{"name": "a", "config": ["missing.yaml"]}]}))
+    with pytest.raises(ConfigError, match=r"config 'missing.yaml' not found \(looked in .*recipes and in the working directory"):
+        load_recipe(str(recipe))
+
+
+# ------------------------------------------------------------------ a stage killed mid-run resumes from its checkpoint
+STAGE_CONFIG = """\
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 6
+  log_every_n_steps: 1
+  num_sanity_val_steps: 0
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {every_n_train_steps: 2, save_top_k: -1, save_last: true}
+model:
+  class_path: r1_lightning.PolicySFT
+  init_args: {model_name_or_path: "builtin:tiny-small", learning_rate: 3.0e-3, warmup_steps: 1, eval_max_new_tokens: 8}
+data:
+  class_path: r1_lightning.ColdStartDataModule
+  init_args: {batch_size: 4, max_length: 160, num_samples: 24, num_val_samples: 4}
+"""
+
+
+def _recipe_project(tmp_path: Path) -> Path:
+    """A recipe whose paths are relative to its own directory (``../configs/...``), run from elsewhere."""
+    (tmp_path / "project" / "recipes").mkdir(parents=True)
+    (tmp_path / "project" / "configs").mkdir()
+    (tmp_path / "project" / "configs" / "stage.yaml").write_text(STAGE_CONFIG)
+    recipe = tmp_path / "project" / "recipes" / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "threads": 1,
+        "evaluation": {"config": str(ROOT / "configs/eval.yaml"),
+                       "args": ["--data.init_args.num_val_samples", "4", "--model.init_args.eval_max_new_tokens", "8",
+                                "--model.init_args.eval_num_samples", "2"]},
+        "stages": [{"name": "sft", "config": ["../configs/stage.yaml"]}],
+    }))
+    return recipe
+
+
+def _recipe_command(recipe: Path, output_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "r1_lightning", "recipe", str(recipe), "--output_dir", str(output_dir)]
+
+
+def _table(output_dir: Path) -> list[dict[str, str]]:
+    with (output_dir / "results.csv").open() as handle:
+        return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(handle)]
+
+
+@pytest.mark.slow  # three recipe runs in subprocesses, one of them killed
+def test_a_stage_killed_mid_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_table(tmp_path) -> None:
+    recipe, cwd = _recipe_project(tmp_path), tmp_path / "elsewhere"
+    cwd.mkdir()
+    full = subprocess.run(_recipe_command(recipe, tmp_path / "full"), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    checkpoint = out / "sft" / "checkpoints" / "epoch=0-step=2.ckpt"
+    with (tmp_path / "killed.log").open("w") as log:  # a file, not a pipe: a full pipe would stall the run
+        job = subprocess.Popen(_recipe_command(recipe, out), cwd=cwd, env=cli_env(), stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL
+    assert not (out / "sft" / "hf_model").exists() and not (out / "sft" / "stage.json").exists()
+    (out / ".results.csv.tmp-99999999").write_text("a killed write's leftover")  # pid 99999999 cannot exist
+
+    resumed = subprocess.run(_recipe_command(recipe, out), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[recipe] sft: resuming from its last checkpoint" in resumed.stdout
+    assert "Resuming from" in resumed.stderr and "(global step" in resumed.stderr  # not from step 0
+    assert not (out / ".results.csv.tmp-99999999").exists()
+    assert _table(out) == _table(tmp_path / "full") and float(_table(out)[0]["accuracy"]) >= 0
+    final, reference = (load_file(d / "sft" / "hf_model" / "model.safetensors") for d in (out, tmp_path / "full"))
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-6, msg=name)
+    assert json.loads((out / MANIFEST).read_text())["stages"].keys() == {"sft"}

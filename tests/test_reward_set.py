@@ -5,11 +5,13 @@ import math
 import pickle
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from r1_lightning.rewards import (
+    Accuracy,
     CosineScaledAccuracy,
     FailedScore,
     LenientFormat,
@@ -23,6 +25,8 @@ from r1_lightning.rewards import (
 )
 
 from reward_helpers import NAN, STRICT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- names
@@ -132,9 +136,9 @@ def test_reward_set_wrong_count_names_the_reward():
 
     with pytest.raises(RewardError, match="reward 'two_short' returned 1 scores for 3 completions"):
         RewardSet([two_short])(["a", "b", "c"], prompts=["p"] * 3)
-    out = RewardSet([two_short, constant(1.0)], on_error="none")(["a", "b", "c"], prompts=["p"] * 3)
+    out = RewardSet([two_short, constant(1.0)], on_error="none", max_failure_frac=1.0)(["a", "b", "c"], prompts=["p"] * 3)
     assert torch.isnan(out.scores["two_short"]).all() and out.failures["two_short"] == 3
-    assert torch.equal(out.total, torch.ones(3))
+    assert torch.isnan(out.total).all() and out.failed.all()  # a failed sample is left out, not scored by the others alone
 
 
 @pytest.mark.parametrize(
@@ -153,7 +157,7 @@ def test_reward_set_invalid_scores(bad_value, message):
 
     with pytest.raises(RewardError, match=f"reward 'flaky' on sample 1 of 3 \\('b'\\) returned a {message}"):
         RewardSet([flaky])(["a", "b", "c"], prompts=["p"] * 3)
-    out = RewardSet([flaky], on_error="none")(["a", "b", "c"], prompts=["p"] * 3)
+    out = RewardSet([flaky], on_error="none", max_failure_frac=1.0)(["a", "b", "c"], prompts=["p"] * 3)
     # Only the bad sample is lost.
     assert out.failures == {"flaky": 1}
     assert out.scores["flaky"][[0, 2]].tolist() == [1.0, 1.0] and torch.isnan(out.scores["flaky"][1])
@@ -183,11 +187,11 @@ def test_reward_set_raising_reward_policy_raise():
 
 
 def test_reward_set_raising_reward_policy_none(caplog):
-    out = RewardSet([Picky(), constant(0.5)], on_error="none")(["fine", "boom"], prompts=["p", "p"])
+    out = RewardSet([Picky(), constant(0.5)], on_error="none", max_failure_frac=1.0)(["fine", "boom"], prompts=["p", "p"])
     # The failed call's scores are None (NaN), counted, logged; never a silent 0.0.
     assert torch.isnan(out.scores["picky"]).all()
     assert out.failures == {"picky": 2, "constant_0.5": 0}
-    assert torch.equal(out.total, torch.tensor([0.5, 0.5]))
+    assert torch.isnan(out.total).all()
     assert "reward 'picky' on sample 1 of 2 ('boom') raised ZeroDivisionError" in caplog.text
 
 
@@ -206,14 +210,14 @@ def test_reward_set_timeout_policy_raise():
 
 def test_reward_set_timeout_policy_none_from_a_worker_thread(caplog):
     # Thread-based timeouts work off the main thread, where signal.alarm cannot.
-    reward_set = RewardSet([constant(1.0), sleepy], on_error="none", timeout=0.05)
+    reward_set = RewardSet([constant(1.0), sleepy], on_error="none", timeout=0.05, max_failure_frac=1.0)
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("out", reward_set(["a", "b"], prompts=["p", "p"])))
     thread.start()
     thread.join(timeout=5)
     out = result["out"]
     assert torch.isnan(out.scores["sleepy"]).all() and out.failures == {"constant_1.0": 0, "sleepy": 2}
-    assert torch.equal(out.total, torch.ones(2))
+    assert torch.isnan(out.total).all()
     # The abandoned call is still sleeping: the next call skips it instead of piling up threads.
     threads = threading.active_count()
     out = reward_set(["a"], prompts=["p"])
@@ -274,7 +278,7 @@ def _hangs(completions, *, prompts, **columns):
     return [1.0] * len(completions)
 
 
-@pytest.mark.parametrize("on_error", ["raise", "none"])
+@pytest.mark.parametrize("on_error", ["raise", "none", "auto"])
 @pytest.mark.parametrize(
     ("reward", "message", "failed"),
     [
@@ -293,7 +297,7 @@ def _hangs(completions, *, prompts, **columns):
     ],
 )
 def test_every_failure_follows_the_policy_from_a_worker_thread(reward, message, failed, on_error, caplog):
-    reward_set = RewardSet([reward, constant(0.5)], on_error=on_error, timeout=0.2)
+    reward_set = RewardSet([reward, constant(0.5)], on_error=on_error, timeout=0.2, max_failure_frac=1.0)
     result = {}
 
     def run():
@@ -307,7 +311,8 @@ def test_every_failure_follows_the_policy_from_a_worker_thread(reward, message, 
     thread.start()
     thread.join(timeout=60)
     assert time.monotonic() - start < 4.0 or reward is not _hangs  # the 5 s hang is not waited for
-    if on_error == "raise":
+    # "auto" tolerates only a sample the reward reports it could not score (a user's function timing out is not built in).
+    if on_error == "raise" or (on_error == "auto" and reward is not _failed_one):
         assert str(result["error"]).startswith(message) and result["error"].reward == reward.__name__
         return
     out = result["out"]
@@ -315,7 +320,8 @@ def test_every_failure_follows_the_policy_from_a_worker_thread(reward, message, 
     lost = torch.isnan(out.scores[reward.__name__])
     assert int(lost.sum()) == failed  # failures are None (NaN), never 0.0
     assert torch.equal(out.scores[reward.__name__][~lost], torch.ones(3 - failed))
-    assert torch.allclose(out.total, torch.where(lost, 0.5, 1.5))  # the other reward still counts
+    assert torch.equal(out.failed, lost)
+    assert torch.allclose(out.total, torch.where(lost, math.nan, 1.5), equal_nan=True)  # a failed sample is left out
     assert message in caplog.text
 
 
@@ -327,8 +333,51 @@ def test_grpo_logs_reward_failures_per_reward(tmp_path):
     def every_other_nan(completions, *, prompts, **columns):
         return [1.0 if i % 2 else NAN for i in range(len(completions))]
 
-    module = tiny_grpo(rewards=[every_other_nan, constant(0.25)], reward_on_error="none")
+    module = tiny_grpo(rewards=[every_other_nan, constant(0.25)], reward_on_error="none", reward_max_failure_frac=0.5)
     logged = logged_metrics(fit(module, prompt_data(), tmp_path))
     assert logged["train/reward_failures/every_other_nan"] == [4.0]  # 2 prompts x G=4, half fail
     assert logged["train/reward_failures/constant_0.25"] == [0.0]
     assert logged["train/rewards/every_other_nan"] == [1.0]
+
+
+# ---------------------------------------------------------------- the default policy: built-in failures are counted
+
+
+def test_a_built_in_reward_timing_out_is_a_counted_failure_until_too_many(caplog):
+    # math-verify on a power tower never ends: its sample is left out and counted, the run goes on,
+    # until failures pass reward_max_failure_frac of the batch.
+    from test_rewards import PATHOLOGICAL
+
+    accuracy = Accuracy(timeout=1.0)
+    try:
+        reward_set = RewardSet([accuracy, StrictFormat()], weights=[1.0, 0.5], max_failure_frac=0.25)  # on_error="auto"
+        batch = dict(prompts=["p"] * 4, answer=["42"] * 4)
+        out = reward_set([PATHOLOGICAL, STRICT, STRICT, STRICT], **batch)
+        assert out.failures == {"accuracy": 1, "strict_format": 0}
+        assert out.failed.tolist() == [True, False, False, False]
+        assert torch.isnan(out.total[0]) and out.total[1:].tolist() == [1.5, 1.5, 1.5]  # left out, not scored 0.5
+        (warning,) = [r.getMessage() for r in caplog.records if "accuracy" in r.getMessage()]
+        assert "reward 'accuracy' on sample 0 of 4" in warning and "took longer than timeout=1s" in warning
+        assert "\n" not in warning  # one line
+        with pytest.raises(RewardError, match=r"rewards failed on 2 of 4 samples \(accuracy 2\), more than reward_max_failure_frac=0.25"):
+            reward_set([PATHOLOGICAL, PATHOLOGICAL, STRICT, STRICT], **batch)
+    finally:
+        accuracy.close()
+
+
+def test_a_users_reward_raising_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch):
+    from r1_lightning.cli import main as cli_main
+
+    extra = tmp_path / "rewards.yaml"
+    extra.write_text("model:\n  init_args:\n    rewards: [user_rewards.answer_length]\n    reward_weights: [1.0]\n")
+    monkeypatch.setattr("sys.argv", ["r1-lightning"])
+    args = ["fit", "--config", str(ROOT / "configs" / "grpo.yaml"), "--config", str(extra),
+            "--model.init_args.model_name_or_path", "builtin:tiny", "--model.init_args.max_new_tokens", "4", "--model.init_args.num_generations", "2", "--data.init_args.batch_size", "1",
+            "--data.init_args.num_samples", "2", "--trainer.max_steps", "1", "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "r1-lightning: error: reward 'answer_length' raised KeyError: 'reference'"

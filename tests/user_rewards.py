@@ -30,3 +30,8 @@ class CharShare(Reward):
 def digit_share(completions: list[str], *, prompts: list, **columns: Any) -> list[float | None]:
     """The share of decimal digits among the completion's characters."""
     return [sum(ch.isdigit() for ch in c) / len(c) if c else 0.0 for c in completions]
+
+
+def answer_length(completions: list[str], *, prompts: list, **columns: Any) -> list[float | None]:
+    """A user's reward with a bug: it reads a column the data does not have (a KeyError on every call)."""
+    return [float(len(a)) for a in columns["reference"]]

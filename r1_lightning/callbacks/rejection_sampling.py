@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
-from r1_lightning.errors import ConfigError
+from r1_lightning.atomic import remove_stray_temporaries, write_text_atomic
+from r1_lightning.errors import ConfigError, UserError
 
 
 class RejectionSamplingWriter(BasePredictionWriter):
@@ -26,6 +27,9 @@ class RejectionSamplingWriter(BasePredictionWriter):
     with the highest total reward (the shortest on ties), ``keep: all`` keeps every accepted one.
     Each rank writes its share; rank 0 merges the shares in dataset order, dropping the
     duplicates that a distributed sampler's padding creates, so N ranks write the same file as one.
+    The file is replaced atomically (a temporary sibling, fsync, rename). A run that accepts no
+    sample at all writes nothing and raises one error with the rejection counts: an earlier
+    ``accepted.jsonl`` stays as it was, and a recipe stops there instead of training on nothing.
 
     Args:
         output_path: The JSONL to write (rows: prompt, completion, the prompt's columns, reward);
@@ -67,6 +71,9 @@ class RejectionSamplingWriter(BasePredictionWriter):
         self.stats, self._rows = Counter(), []
         if self.output_path is None:
             self.output_path = Path(trainer.default_root_dir) / "accepted.jsonl"
+        self._share(trainer.global_rank).unlink(missing_ok=True)  # left by a killed run
+        if trainer.is_global_zero:
+            remove_stray_temporaries(self.output_path.parent)
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -122,7 +129,7 @@ class RejectionSamplingWriter(BasePredictionWriter):
     @override
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        share = self.output_path.with_name(f"{self.output_path.name}.rank{trainer.global_rank}")
+        share = self._share(trainer.global_rank)
         share.write_text("".join(json.dumps(row) + "\n" for row in self._rows))
         stats = dict(self.stats)
         if trainer.world_size > 1:  # sum the counts of all ranks over a key list every rank knows
@@ -131,15 +138,25 @@ class RejectionSamplingWriter(BasePredictionWriter):
             totals = trainer.strategy.reduce(torch.tensor([float(self.stats[k]) for k in keys], device=pl_module.device), reduce_op="sum")
             stats = {k: float(v) for k, v in zip(keys, totals.tolist()) if v}
         trainer.strategy.barrier("rejection_sampling_shares")
+        if not stats.get("accepted"):  # every rank knows the total: all stop together
+            share.unlink(missing_ok=True)
+            raise UserError(
+                f"rejection sampling accepted none of {int(stats.get('samples', 0))} samples ({_rejections(stats)}); "
+                f"{self.output_path} was not written (an earlier file there is kept as it was): loosen the filters "
+                "(require, max_tokens, drop_truncated, min_language_consistency) or sample more (num_generations, num_samples)"
+            )
         if trainer.is_global_zero:
             self._merge(trainer.world_size)
             self._report(trainer, stats)
         trainer.strategy.barrier("rejection_sampling_merged")
 
+    def _share(self, rank: int) -> Path:
+        return self.output_path.with_name(f"{self.output_path.name}.rank{rank}")
+
     def _merge(self, world_size: int) -> None:
         rows = []
         for rank in range(world_size):
-            share = self.output_path.with_name(f"{self.output_path.name}.rank{rank}")
+            share = self._share(rank)
             rows += [(row["index"], rank, row) for row in map(json.loads, share.read_text().splitlines())]
             share.unlink()
         # A distributed sampler repeats a few prompts to even out the ranks: keep one rank's rows per prompt.
@@ -151,9 +168,7 @@ class RejectionSamplingWriter(BasePredictionWriter):
             for index, rank, row in sorted(rows, key=lambda r: (r[0], r[1]))
             if owner[index] == rank
         ]
-        tmp = self.output_path.with_name(self.output_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
-        tmp.replace(self.output_path)  # atomic: a reader never sees a half-written file
+        write_text_atomic(self.output_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
         self.written = len(merged)
 
     def _report(self, trainer: L.Trainer, stats: dict[str, Any]) -> None:
@@ -164,3 +179,9 @@ class RejectionSamplingWriter(BasePredictionWriter):
         print("\n".join(lines))
         for logger in trainer.loggers:
             logger.log_metrics({"rejection/acceptance_rate": rate, **{f"rejection/{k}": float(v) for k, v in stats.items()}}, step=0)
+
+
+def _rejections(stats: dict[str, Any]) -> str:
+    """``rejected: accuracy 30, truncated 2`` from the writer's counts."""
+    counts = [f"{k.removeprefix('rejected_')} {int(v)}" for k, v in sorted(stats.items()) if k.startswith("rejected_") and v]
+    return "rejected: " + (", ".join(counts) if counts else "none")

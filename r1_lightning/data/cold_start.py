@@ -135,7 +135,9 @@ class ColdStartDataModule(L.LightningDataModule):
             if answer is None or not str(answer).strip():  # `or` would also discard a numeric 0 answer
                 answer = extract_answer(completion)
             # No reference stays None (Accuracy: not applicable), never the string "None".
-            examples.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids, "answer": None if answer is None else str(answer)})
+            examples.append(
+                {"index": index, "prompt_ids": prompt_ids, "completion_ids": completion_ids, "answer": None if answer is None else str(answer)}
+            )
         if dropped:
             self.num_dropped += dropped
             rank_zero_warn(f"{source}: dropped {dropped} samples longer than max_length={hp.max_length}")
@@ -165,6 +167,7 @@ class ColdStartDataModule(L.LightningDataModule):
         batch = pack(examples, self.hparams.max_length, self.tokenizer.pad_token_id) if self.hparams.packing else pad(examples, self.tokenizer.pad_token_id)
         batch["prompt_ids"] = [e["prompt_ids"] for e in examples]
         batch["answers"] = [e["answer"] for e in examples]
+        batch["indices"] = [e["index"] for e in examples]  # seeds a prompt's samples wherever it lands (distillation)
         return batch
 
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from r1_lightning.data.resumable import TrainPosition, run_seed
 from r1_lightning.data.sources import DataError, RowSource, check_column_names, check_prompt, load_rows, require_columns
@@ -154,7 +154,18 @@ class PromptDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self.hparams.val_batch_size or self.hparams.batch_size, False)
+        batch_size = self.hparams.val_batch_size or self.hparams.batch_size
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return self._loader("predict", batch_size, False)
+        # Every rank must run as many batches (generation steps all ranks together), so the prompts are padded
+        # by repeating a few (DistributedSampler), not split unevenly as Lightning's predict sampler would; the
+        # rejection-sampling writer drops the repeats.
+        examples = self.examples["predict"]
+        sampler = DistributedSampler(examples, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+        return DataLoader(
+            examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_prompts, num_workers=self.hparams.num_workers
+        )
 
     def _loader(self, name: str, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(self.examples[name], batch_size=batch_size, shuffle=shuffle, collate_fn=collate_prompts, num_workers=self.hparams.num_workers)

@@ -189,10 +189,10 @@ class Distillation(L.LightningModule):
 
     def _training_rows(self, batch: dict[str, Any], batch_idx: int) -> tuple[list[dict[str, torch.Tensor]], float]:
         """The rows to learn on: teacher-written rows and rows sampled from the student (GKD's λ)."""
-        hp, generator = self.hparams, self._generator(batch_idx)
+        hp, generators = self.hparams, self._generators(batch, batch_idx)
         params = self._sampling_params(hp.max_new_tokens, hp.generation_temperature)
         if "input_ids" not in batch:  # prompts only: sequence-level KD samples the teacher, on-policy KD the student
-            return [self._sample_rows(self.teacher if self.sft else self.model, batch["prompt_ids"], params, generator)], 1.0
+            return [self._sample_rows(self.teacher if self.sft else self.model, batch["prompt_ids"], params, generators)], 1.0
         if hp.on_policy_fraction == 0:
             return [{k: batch[k] for k in ROW_KEYS}], 0.0
         if batch["attention_mask"] is None:
@@ -201,13 +201,15 @@ class Distillation(L.LightningModule):
         # Rounded stochastically (the share is λ on average), with one draw for all ranks: sampling is collective.
         expected, draw = hp.on_policy_fraction * len(prompts), random.Random(f"{hp.seed}-{self.global_step}-{batch_idx}").random()
         n = int(expected) + int(draw < expected - int(expected))
-        parts = [self._sample_rows(self.model, prompts[:n], params, generator)] if n else []
+        first_n = generators[:n] if isinstance(generators, list) else generators
+        parts = [self._sample_rows(self.model, prompts[:n], params, first_n)] if n else []
         if n < len(prompts):
             parts.append({k: batch[k][n:] for k in ROW_KEYS})
         return parts, n / len(prompts)
 
     def _sample_rows(
-        self, model: torch.nn.Module, prompt_ids: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self, model: torch.nn.Module, prompt_ids: list[list[int]], params: SamplingParams,
+        generator: torch.Generator | list[torch.Generator],
     ) -> dict[str, torch.Tensor]:
         """One completion per prompt from ``model``, as teacher-forcing inputs with the completion as loss mask."""
         rollout = self.engine.generate(model, prompt_ids, 1, params, generator)
@@ -284,6 +286,19 @@ class Distillation(L.LightningModule):
             max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=sorted(e for e in eos if e is not None),
             pad_token_id=self.tokenizer.pad_token_id,
         )
+
+    def _generators(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator | list[torch.Generator]:
+        """One generator per prompt, seeded by (seed, the prompt's dataset index, step), as GRPO seeds its samples.
+
+        A prompt's sample then does not depend on the rank or batch that holds it: N ranks sample
+        what one process would, and a resumed run what the uninterrupted one would. A batch without
+        ``indices`` (another data module) gets the per-rank generator.
+        """
+        indices = batch.get("indices")
+        if indices is None:
+            return self._generator(batch_idx)
+        seeds = [((self.hparams.seed * 1_000_003 + int(i) + 1) * 1_000_003 + self.global_step) % 2**63 for i in indices]
+        return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
 
     def _generator(self, batch_idx: int) -> torch.Generator:
         # (seed, rank, step, batch): ranks sample differently and a resumed run samples as the uninterrupted one.

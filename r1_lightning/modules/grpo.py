@@ -64,9 +64,14 @@ class GRPO(L.LightningModule):
         rewards: Reward functions or ``Reward`` objects (``class_path`` in YAML). Default:
             ``Accuracy`` and ``LenientFormat``.
         reward_weights: One weight per reward (default 1.0 each).
-        reward_on_error: A reward that raises, times out or returns bad scores: ``raise`` one
-            error naming it and the sample, or ``none`` (scores become None, failures are logged).
+        reward_on_error: What a reward failure does. ``auto``: a sample a built-in reward could not
+            score (math-verify timed out or crashed) or a built-in reward's time-out is left out of
+            the advantages, counted in ``train/reward_failures/<name>`` and logged in one line; a reward
+            that raises or returns bad scores stops the run with one error naming it and the sample.
+            ``none`` tolerates every failure, ``raise`` none. See ``RewardSet``.
         reward_timeout: Seconds each reward may take per batch (``None``: no limit).
+        reward_max_failure_frac: Tolerated failures on more than this share of a batch's completions
+            stop the run (a verifier that always times out is a problem to fix, not noise).
         num_generations: G, completions sampled per prompt.
         max_new_tokens: Token budget of a completion.
         temperature: Sampling temperature (log-probs are scored at the same temperature).
@@ -125,8 +130,9 @@ class GRPO(L.LightningModule):
         model_name_or_path: str = "builtin:tiny",
         rewards: list[RewardFn] | None = None,
         reward_weights: list[float] | None = None,
-        reward_on_error: Literal["raise", "none"] = "raise",
+        reward_on_error: Literal["auto", "none", "raise"] = "auto",
         reward_timeout: float | None = None,
+        reward_max_failure_frac: float = 0.1,
         num_generations: int = 8,
         max_new_tokens: int = 256,
         temperature: float = 1.0,
@@ -175,7 +181,7 @@ class GRPO(L.LightningModule):
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         rewards = rewards if rewards is not None else [Accuracy(), LenientFormat()]  # `[]` is refused, not replaced
-        self.reward_set = RewardSet(rewards, reward_weights, reward_on_error, reward_timeout)
+        self.reward_set = RewardSet(rewards, reward_weights, reward_on_error, reward_timeout, reward_max_failure_frac)
         self.kl_estimator = resolve_kl_estimator(kl_estimator)
         self.engine = rollout_engine or HFGenerateEngine()
         self.model: torch.nn.Module | None = None

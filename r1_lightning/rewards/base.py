@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from r1_lightning.errors import UserError
+
 RewardFn = Callable[..., list[float | None]]
 """Type of a reward: `(completions, *, prompts, **columns) -> list[float | None]`."""
 
@@ -102,8 +104,10 @@ def reward_name(fn: RewardFn) -> str:
     return snake_case(type(fn).__name__)
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward failed: it raised, ran past its time limit, or returned bad scores.
+
+    A ``UserError``: the CLI prints its message as one line (``R1_DEBUG=1`` shows the traceback).
 
     Attributes:
         reward: Name of the failing reward, when known.

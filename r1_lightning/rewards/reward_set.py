@@ -30,15 +30,22 @@ class RewardScores:
             where no reward did.
         failures: Reward name → number of samples whose score was lost to a failure
             (always 0 with `on_error="raise"`, which raises instead).
+        failed: bool `[N]`, True where any reward failed on the sample (its total is then NaN:
+            the sample is left out of the advantages rather than scored by the other rewards alone).
     """
 
     scores: dict[str, Tensor]
     total: Tensor
     failures: dict[str, int]
+    failed: Tensor | None = None
 
 
 class _Failure(Exception):
     """A reward's whole call failed: it timed out or returned something that is not N scores."""
+
+
+class _TimedOut(_Failure):
+    """A reward's whole call ran past the set's `timeout`."""
 
 
 class RewardSet:
@@ -46,11 +53,22 @@ class RewardSet:
 
     A reward *fails* when it raises, runs past `timeout`, returns the wrong number of
     scores (whole call), or returns a non-numeric, NaN or infinite score or a `FailedScore`
-    (that sample).
-    `on_error="raise"` turns the first failure into one `RewardError` naming the reward
-    and, where known, the sample; `on_error="none"` makes the failed scores `None`, logs
-    a warning with the same text, and counts them in `RewardScores.failures` (never a
-    silent 0.0).
+    (that sample). What a failure does (`on_error`):
+
+    - `"auto"` (the default): a sample a reward reports it could not score (a `FailedScore`:
+      math-verify timed out or crashed on it) and a built-in reward (`r1_lightning.rewards`)
+      running past `timeout` are *tolerated*; a reward that raises, returns the wrong
+      number of scores or a NaN/non-numeric score (a bug, usually in the user's own reward)
+      raises.
+    - `"none"`: every failure is tolerated.
+    - `"raise"`: every failure raises.
+
+    A tolerated failure makes that sample's score `None` and its total NaN (the sample is
+    left out of the group's advantages, never scored 0.0 or by the other rewards alone),
+    logs one warning line, and is counted in `RewardScores.failures`. When more than
+    `max_failure_frac` of a batch's samples failed, the call raises anyway: something is
+    systematically wrong (a verifier that always times out, a missing column). A raise is
+    one `RewardError` naming the reward and, where known, the sample.
 
     Timeouts: with `timeout` set, each reward runs in its own daemon thread and the
     caller waits at most `timeout` seconds for it, so this works from any thread (no
@@ -65,9 +83,11 @@ class RewardSet:
         rewards: The rewards (plain functions or `Reward` objects). Names are
             `reward_name(r)`; a repeated name gets a suffix (`_2`, `_3`, ...).
         weights: One weight per reward; default 1.0 each.
-        on_error: What a failure does: "raise" or "none" (see above).
+        on_error: What a failure does: "auto", "none" or "raise" (see above).
         timeout: Seconds each reward may take per call; `None` runs rewards directly in
             the calling thread with no limit.
+        max_failure_frac: The largest share of a batch's samples whose failures are
+            tolerated (0 to 1); more raises.
 
     Example:
         >>> from r1_lightning.rewards import Accuracy, LenientFormat
@@ -81,8 +101,9 @@ class RewardSet:
         self,
         rewards: Sequence[RewardFn],
         weights: Sequence[float] | None = None,
-        on_error: Literal["raise", "none"] = "raise",
+        on_error: Literal["auto", "none", "raise"] = "auto",
         timeout: float | None = None,
+        max_failure_frac: float = 0.1,
     ) -> None:
         # ConfigError (a ValueError): the CLI prints it as one line naming the option.
         if not rewards:
@@ -95,8 +116,10 @@ class RewardSet:
             raise ConfigError(f"reward_weights={weights}: got {len(weights)} reward weights for {len(rewards)} rewards")
         if not all(math.isfinite(w) for w in weights):
             raise ConfigError(f"reward_weights={weights}: reward weights must be finite")
-        if on_error not in ("raise", "none"):
-            raise ConfigError(f'reward_on_error={on_error!r}: on_error must be "raise" or "none"')
+        if on_error not in ("auto", "none", "raise"):
+            raise ConfigError(f'reward_on_error={on_error!r}: on_error must be "auto", "none" or "raise"')
+        if not 0.0 <= max_failure_frac <= 1.0:
+            raise ConfigError(f"reward_max_failure_frac={max_failure_frac}: must be in [0, 1]")
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"reward_timeout={timeout}: the reward timeout must be positive or None")
         self.rewards = list(rewards)
@@ -104,6 +127,7 @@ class RewardSet:
         self.names = _unique_names([reward_name(fn) for fn in rewards])
         self.on_error = on_error
         self.timeout = timeout
+        self.max_failure_frac = max_failure_frac
         self._late: dict[str, threading.Thread] = {}  # name → abandoned call still running
 
     def __call__(self, completions: list[str], *, prompts: list, **columns: Any) -> RewardScores:
@@ -119,53 +143,65 @@ class RewardSet:
 
         Raises:
             ValueError: `prompts` or a column does not have one entry per completion.
-            RewardError: A reward failed and `on_error="raise"`.
+            RewardError: A failure `on_error` does not tolerate, or tolerated failures on more
+                than `max_failure_frac` of the samples.
         """
         n = len(completions)
         for key, values in {"prompts": prompts, **columns}.items():
             if len(values) != n:
                 raise ValueError(f"{key!r} has {len(values)} entries for {n} completions (need one per completion)")
-        scores, failures = {}, {}
+        scores, failures, failed, first = {}, {}, torch.zeros(n, dtype=torch.bool), None
         for name, fn in zip(self.names, self.rewards):
-            values, failed = self._score(name, fn, completions, prompts, columns)
+            values, lost, problem = self._score(name, fn, completions, prompts, columns)
             scores[name] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)  # [N]
-            failures[name] = failed
-        return RewardScores(scores, self._total(scores), failures)
+            failures[name] = len(lost)
+            failed[lost] = True
+            first = first or problem
+        count = int(failed.sum())
+        if count > self.max_failure_frac * n:
+            per_reward = ", ".join(f"{k} {v}" for k, v in failures.items() if v)
+            raise RewardError(
+                f"rewards failed on {count} of {n} samples ({per_reward}), more than reward_max_failure_frac="
+                f"{self.max_failure_frac:g} of the batch; first: {first}"
+            )
+        total = torch.where(failed, torch.full((n,), math.nan), self._total(scores))  # [N]
+        return RewardScores(scores, total, failures, failed)
 
     def _score(
         self, name: str, fn: RewardFn, completions: list[str], prompts: list, columns: dict[str, Any]
-    ) -> tuple[list[float | None], int]:
-        """One reward's validated scores and how many samples failed."""
+    ) -> tuple[list[float | None], list[int], str | None]:
+        """One reward's validated scores, the samples whose score was lost, and the first problem."""
         n = len(completions)
         try:
             output = _as_list(self._call(name, fn, completions, prompts, columns))
             if len(output) != n:
                 raise _Failure(f"returned {len(output)} scores for {n} completions (expected one per completion)")
         except _Failure as failure:
-            self._fail(name, str(failure), n)
-            return [None] * n, n
+            tolerated = isinstance(failure, _TimedOut) and _is_builtin(fn)
+            return [None] * n, list(range(n)), self._fail(name, str(failure), n, tolerated=tolerated)
         except Exception as exc:  # noqa: BLE001  any error in user code is a reward failure
             if isinstance(exc, RewardError) and exc.index is not None:  # from `score_each`: names its sample
                 cause = exc.__cause__ or exc
-                self._fail(name, f"raised {type(cause).__name__}: {cause}", n, exc.index, exc.completion, exc)
+                problem = self._fail(name, f"raised {type(cause).__name__}: {cause}", n, exc.index, exc.completion, exc)
             else:
-                self._fail(name, f"raised {type(exc).__name__}: {exc}", n, cause=exc)
-            return [None] * n, n
-        values, failed = [], 0
+                problem = self._fail(name, f"raised {type(exc).__name__}: {exc}", n, cause=exc)
+            return [None] * n, list(range(n)), problem
+        values, lost, first = [], [], None
         for i, value in enumerate(output):
             problem = _check_score(value)
             if problem is not None:
-                self._fail(name, problem, n, i, completions[i])
-                value, failed = None, failed + 1
+                message = self._fail(name, problem, n, i, completions[i], tolerated=isinstance(value, FailedScore))
+                first, value = first or message, None
+                lost.append(i)
             values.append(None if value is None else float(value))
-        return values, failed
+        return values, lost, first
 
     def _call(self, name: str, fn: RewardFn, completions: list[str], prompts: list, columns: dict[str, Any]) -> Any:
         if self.timeout is None:
             return fn(completions, prompts=prompts, **columns)
         late = self._late.get(name)
         if late is not None and late.is_alive():
-            raise _Failure(f"is still running an earlier call that exceeded the {self.timeout:g}s timeout")
+            raise _TimedOut(f"is still running an earlier call that exceeded the {self.timeout:g}s timeout")
         result: dict[str, Any] = {}
 
         def run() -> None:
@@ -179,7 +215,7 @@ class RewardSet:
         thread.join(self.timeout)
         if thread.is_alive():
             self._late[name] = thread
-            raise _Failure(f"exceeded the {self.timeout:g}s timeout on a batch of {len(completions)} completions")
+            raise _TimedOut(f"exceeded the {self.timeout:g}s timeout on a batch of {len(completions)} completions")
         if "error" in result:
             raise result["error"]
         return result["output"]
@@ -192,15 +228,20 @@ class RewardSet:
         index: int | None = None,
         completion: str | None = None,
         cause: BaseException | None = None,
-    ) -> None:
-        """Raise or log (by `on_error`) "reward 'x' [on sample i of n ('...')] <problem>"."""
+        tolerated: bool = False,
+    ) -> str:
+        """Raise, or log one line and return it (by `on_error`): "reward 'x' [on sample i of n ('...')] <problem>".
+
+        ``tolerated``: the failure is one that ``on_error="auto"`` tolerates.
+        """
         where = ""
         if index is not None:
             where = f" on sample {index} of {n}" + (f" ({snippet(completion)})" if completion is not None else "")
         message = f"reward {name!r}{where} {problem}"
-        if self.on_error == "raise":
+        if self.on_error == "raise" or (self.on_error == "auto" and not tolerated):
             raise RewardError(message, reward=name, index=index, completion=completion) from cause
-        log.warning("%s; its score is None (on_error='none')", message)
+        log.warning("%s; the sample is left out (reward_on_error=%r)", message, self.on_error)
+        return message
 
     def _total(self, scores: dict[str, Tensor]) -> Tensor:
         stacked = torch.stack(list(scores.values()))  # [R, N]
@@ -213,6 +254,11 @@ class RewardSet:
         state = self.__dict__.copy()
         state["_late"] = {}  # threads cannot be pickled or copied
         return state
+
+
+def _is_builtin(fn: RewardFn) -> bool:
+    """A reward of this package (its class or function lives in ``r1_lightning.rewards``)."""
+    return str(getattr(fn, "__module__", "")).startswith("r1_lightning.rewards")
 
 
 def _as_list(output: Any) -> list:
