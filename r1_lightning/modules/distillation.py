@@ -22,6 +22,8 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from r1_lightning.engines import HFGenerateEngine, RolloutEngine, SamplingParams
+from r1_lightning.engines.logprobs import chunked_token_logprobs
 from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score
 from r1_lightning.export import export_hf_model
@@ -39,8 +41,6 @@ from r1_lightning.rl.divergences import (
     distillation_loss,
     resolve_divergence,
 )
-from r1_lightning.rl.logprobs import chunked_token_logprobs
-from r1_lightning.rl.rollout import HFGenerateEngine, RolloutEngine, SamplingParams
 
 ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
 

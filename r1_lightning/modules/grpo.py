@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from r1_lightning.engines import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
+from r1_lightning.engines import compiled_forward
 from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score, raw_completions, scored_texts
 from r1_lightning.export import export_hf_model
@@ -28,12 +30,10 @@ from r1_lightning.parallel import check_backward_passes, clip_grad_norm, global_
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.resume import load_resume_state, save_rng_states
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
-from r1_lightning.rl import compiled_forward
 from r1_lightning.rl.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_mask, group_advantages
 from r1_lightning.rl.kl import KLEstimator, kl_reward_penalty, resolve_kl_estimator
 from r1_lightning.rl.losses import AGGREGATIONS, loss_normalizer, policy_loss
 from r1_lightning.rl.masked import masked_mean
-from r1_lightning.rl.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 
 
 # Sampling streams of `_prompt_generators` besides training's rollout steps (which count up from 0).
@@ -114,7 +114,7 @@ class GRPO(L.LightningModule):
             computed in (e.g. ``bfloat16`` over ``dtype: float32`` weights and optimizer state); None:
             the weights' dtype. The reference model is sharded the same way. See ``r1_lightning.parallel``.
         compile: Run the policy's and reference's training forwards through ``torch.compile``d
-            decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.rl.compiled_forward``): on the
+            decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.engines.compiled_forward``): on the
             benchmark's tiny model 10-20% less time per step, after a one-time compile in the first
             step (~20 s with inductor's on-disk cache warm, 1-2 min cold), so it pays over a few hundred
             steps. Needs a C++ compiler; where it does not apply or fails, a warning and the eager forward.

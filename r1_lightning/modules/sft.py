@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from r1_lightning.engines import HFGenerateEngine, RolloutEngine, SamplingParams
 from r1_lightning.evaluation import generate_and_score
 from r1_lightning.export import export_hf_model
 from r1_lightning.guards import NonFinite, StepGuard
@@ -20,7 +21,6 @@ from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, tot
 from r1_lightning.parallel import global_normalizer, shard_for_strategy
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
 from r1_lightning.resume import load_resume_state, save_rng_states
-from r1_lightning.rl.rollout import HFGenerateEngine, SamplingParams
 
 
 class PolicySFT(L.LightningModule):
