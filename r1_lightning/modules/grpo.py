@@ -4,7 +4,8 @@ DeepSeekMath (https://arxiv.org/abs/2402.03300) introduced GRPO; DeepSeek-R1
 (https://arxiv.org/abs/2501.12948) trains reasoning with it. For each prompt q, sample G
 completions, score them with the rewards, take A_i = (r_i - mean r) / std r for every token of
 o_i, and maximise mean_tokens min(ρA, clip(ρ, 1-ε, 1+ε)A) - β·KL(π_θ‖π_ref) with the k3 estimator.
-Variants (Dr. GRPO, DAPO, GSPO, RLOO) are selected by name; see ``r1_lightning.rl``.
+Variants (Dr. GRPO, DAPO, GSPO, RLOO, CISPO, SAPO, ...) are components chosen by ``class_path``
+(advantage estimator, policy loss, KL penalty; the old strings stay aliases); see ``r1_lightning.rl``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from r1_lightning.export import export_hf_model
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
 from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, total_training_steps
-from r1_lightning.parallel import check_backward_passes, clip_grad_norm, global_normalizer, shard_for_strategy
+from r1_lightning.parallel import check_backward_passes, clip_grad_norm, shard_for_strategy
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.resume import load_resume_state, save_rng_states
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
-from r1_lightning.rl.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_mask, group_advantages
-from r1_lightning.rl.kl import KLEstimator, kl_reward_penalty, resolve_kl_estimator
-from r1_lightning.rl.losses import AGGREGATIONS, loss_normalizer, policy_loss
+from r1_lightning.rl.advantages import AdvantageEstimator, dynamic_sampling_mask, resolve_advantage_estimator
+from r1_lightning.rl.groups import per_completion, repeat_per_completion
+from r1_lightning.rl.kl import KLEstimator, KLPenalty
+from r1_lightning.rl.losses import AGGREGATIONS, ClippedLoss, PolicyLoss
 from r1_lightning.rl.masked import masked_mean
 
 
@@ -83,10 +85,20 @@ class GRPO(L.LightningModule):
         micro_batch_size: Completions per forward/backward (gradient accumulation within a
             mini-batch; default ``mini_batch_size``).
         advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``
-            or ``rloo`` (leave-one-out).
-        loss_aggregation: ``grpo`` (sequence mean), ``bnpo``/``dapo`` (token mean) or
-            ``dr_grpo`` (constant normaliser).
+            (group mean, std of the global batch) or ``rloo`` (leave-one-out), or an
+            ``r1_lightning.rl.advantages.AdvantageEstimator`` (``class_path``).
+        loss_aggregation: ``grpo`` (sequence mean), ``dapo`` (token mean of the mini-batch), ``bnpo``
+            (mean of the micro-batches' token means) or ``dr_grpo`` (constant normaliser).
         importance_level: ``token`` ratios, or ``sequence`` (GSPO).
+        policy_loss: A ``r1_lightning.rl.losses.PolicyLoss`` (``class_path``: ``ClippedLoss``,
+            ``CISPOLoss``, ``SAPOLoss`` or your own; entropy options there). Default: ``ClippedLoss``
+            from ``epsilon``, ``epsilon_high``, ``importance_level`` and ``loss_aggregation``, which
+            must then be left at their defaults.
+        kl_penalty: A ``r1_lightning.rl.kl.KLPenalty`` (``class_path``; e.g. ``importance_weighted``).
+            Default: one from ``beta``, ``kl_estimator`` and ``kl_placement``, which must then be left
+            at their defaults.
+        normalize_each_reward: Normalise each reward within its group (mean 0, std 1) before the
+            weighted sum (GDPO-style multi-reward training), so no reward's scale drowns the others.
         mask_truncated: Exclude completions that hit ``max_new_tokens`` from the loss (DAPO).
         dynamic_sampling: Drop groups whose rewards are all equal from the loss (DAPO; no refill).
         learning_rate: Peak AdamW learning rate.
@@ -140,9 +152,12 @@ class GRPO(L.LightningModule):
         num_iterations: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
-        advantage_estimator: str = "grpo",
+        advantage_estimator: str | AdvantageEstimator = "grpo",
         loss_aggregation: str = "grpo",
         importance_level: Literal["token", "sequence"] = "token",
+        policy_loss: PolicyLoss | None = None,
+        kl_penalty: KLPenalty | None = None,
+        normalize_each_reward: bool = False,
         mask_truncated: bool = False,
         dynamic_sampling: bool = False,
         learning_rate: float = 1e-6,
@@ -167,15 +182,23 @@ class GRPO(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["rewards", "kl_estimator", "rollout_engine"])
-        _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level)
+        objects = ["rewards", "kl_estimator", "rollout_engine", "policy_loss", "kl_penalty"]
+        self.save_hyperparameters(ignore=objects + ([] if isinstance(advantage_estimator, str) else ["advantage_estimator"]))
+        _check_options(num_generations, beta, kl_placement, num_iterations, loss_aggregation, importance_level)
+        self.advantage_estimator = resolve_advantage_estimator(advantage_estimator)
+        self.policy_loss = policy_loss or ClippedLoss(epsilon, epsilon_high, importance_level, loss_aggregation)
+        self.kl_penalty = kl_penalty or KLPenalty(kl_estimator, beta, kl_placement)
+        _check_component_options(policy_loss, kl_penalty, dict(
+            epsilon=epsilon, epsilon_high=epsilon_high, importance_level=importance_level, loss_aggregation=loss_aggregation,
+            beta=beta, kl_estimator=kl_estimator, kl_placement=kl_placement,
+        ))
         _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         rewards = rewards if rewards is not None else [Accuracy(), LenientFormat()]  # `[]` is refused, not replaced
         self.reward_set = RewardSet(rewards, reward_weights, reward_on_error, reward_timeout)
-        self.kl_estimator = resolve_kl_estimator(kl_estimator)
+        self.kl_estimator = self.kl_penalty.estimator
         self.engine = rollout_engine or HFGenerateEngine()
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
@@ -191,7 +214,7 @@ class GRPO(L.LightningModule):
         hp = self.hparams
         kwargs = dict(vocab_size=len(self.tokenizer), dtype=hp.dtype, trust_remote_code=hp.trust_remote_code, seed=hp.seed)
         self.model = load_model(hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **kwargs).train()
-        if hp.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
+        if self.kl_penalty.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
             self.ref_model = load_model(hp.model_name_or_path, **kwargs).eval().requires_grad_(False)
         # FSDP2 only (DDP and FSDP wrap the module themselves): policy and reference sharded alike.
         self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)
@@ -214,21 +237,22 @@ class GRPO(L.LightningModule):
         generators = self._prompt_generators(batch, self.rollout_step) or self._generator()
         rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
         texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
-        scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
-        rewards = scores.total.to(self.device)  # [B*G]
+        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
+        total = self.reward_set.group_normalized_total(scores, G) if hp.normalize_each_reward else scores.total
+        rewards = total.to(self.device)  # [B*G]
 
         inputs, target_mask, P = _training_inputs(rollout)
         completion_mask = rollout.completion_mask.bool()  # [B*G, T]
-        ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if hp.beta > 0 else None
+        ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if self.kl_penalty.beta > 0 else None
         metrics: dict[str, torch.Tensor] = {}
-        if ref_logprobs is not None and hp.kl_placement == "reward":
-            penalty, kl_metrics = kl_reward_penalty(rollout.logprobs, ref_logprobs, completion_mask, self.kl_estimator, hp.beta)
+        if ref_logprobs is not None and self.kl_penalty.placement == "reward":
+            penalty, kl_metrics = self.kl_penalty.reward_penalty(rollout.logprobs, ref_logprobs, completion_mask)
             rewards, metrics = rewards - penalty, {**metrics, **kl_metrics}
-        advantages, adv_metrics = group_advantages(rewards, G, hp.advantage_estimator)
+        advantages, adv_metrics = self.advantage_estimator(rewards, G)
         loss_mask = completion_mask & ~rollout.truncated[:, None] if hp.mask_truncated else completion_mask
         if hp.dynamic_sampling:
             keep, keep_metrics = dynamic_sampling_mask(rewards, G)
-            loss_mask, metrics = loss_mask & keep.repeat_interleave(G)[:, None], {**metrics, **keep_metrics}
+            loss_mask, metrics = loss_mask & per_completion(keep, G)[:, None], {**metrics, **keep_metrics}
         old_logprobs = self._old_logprobs(inputs, target_mask, P) if hp.num_iterations > 1 else None
 
         for _ in range(hp.num_iterations):
@@ -247,20 +271,22 @@ class GRPO(L.LightningModule):
         check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows, mini):
-            mini_rows = slice(start, min(start + mini, rows))
-            # One normaliser for the whole mini-batch, so micro-batch gradients add up to its gradient,
-            # counted over all ranks' mini-batches, so N ranks step as one process on the global batch.
-            normalizer = global_normalizer(loss_normalizer(loss_mask[mini_rows], hp.loss_aggregation, hp.max_new_tokens))
-            for micro_start in range(mini_rows.start, mini_rows.stop, micro):
-                r = slice(micro_start, min(micro_start + micro, mini_rows.stop))
+            stop = min(start + mini, rows)
+            micro_batches = [slice(s, min(s + micro, stop)) for s in range(start, stop, micro)]
+            # Denominators that make the micro-batch gradients add up to the mini-batch's (over all ranks
+            # where the aggregation is global, so N ranks step as one process on the global batch).
+            normalizers = self.policy_loss.normalizers(loss_mask, micro_batches, hp.max_new_tokens)
+            for r, normalizer in zip(micro_batches, normalizers):
                 logprobs, entropy = self._policy_logprobs({k: v[r] for k, v in inputs.items()}, target_mask[r], P)
-                kl = None if ref_logprobs is None or hp.kl_placement != "loss" else self.kl_estimator(logprobs, ref_logprobs[r])
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[r]
-                loss, metrics = policy_loss(
-                    logprobs, old, advantages[r], loss_mask[r], epsilon_low=hp.epsilon, epsilon_high=hp.epsilon_high,
-                    kl=kl, beta=hp.beta if kl is not None else 0.0, aggregation=hp.loss_aggregation, ratio_level=hp.importance_level,
+                penalty, kl_metrics = None, {}
+                if ref_logprobs is not None and self.kl_penalty.placement == "loss":
+                    penalty, kl_metrics = self.kl_penalty.loss_term(logprobs, old, ref_logprobs[r], loss_mask[r])
+                loss, metrics = self.policy_loss(
+                    logprobs, old, advantages[r], loss_mask[r], penalty=penalty, entropy=entropy,
                     normalizer=normalizer, max_completion_length=hp.max_new_tokens,
                 )
+                metrics.update(kl_metrics)
                 self.manual_backward(loss)
                 self.guard.record_loss(loss)
                 weight = (r.stop - r.start) / rows
@@ -351,16 +377,13 @@ class GRPO(L.LightningModule):
             "train/loss": metrics["loss"],
             "train/policy_loss": metrics["policy_loss"],
             "train/entropy": metrics["entropy"],
-            "train/clip_ratio": metrics["clip_ratio"],
-            "train/clip_ratio_low": metrics["clip_ratio_low"],
-            "train/clip_ratio_high": metrics["clip_ratio_high"],
             "train/zero_std_frac": metrics["zero_std_frac"],
             "train/reward_std": metrics["reward_std"],
         }
-        if "kl" in metrics:
-            logged["train/kl"] = metrics["kl"]
-        if "kept_frac" in metrics:
-            logged["train/kept_frac"] = metrics["kept_frac"]
+        optional = ("kl", "kept_frac", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "gate_gradient_weight")
+        for name in optional + ("entropy_kept", "entropy_dropped", "entropy_kept_frac"):  # what the loss reports
+            if name in metrics:
+                logged[f"train/{name}"] = metrics[name]
         for name, values in scores.scores.items():
             logged[f"train/rewards/{name}"] = torch.nanmean(values)
         for name, count in scores.failures.items():
@@ -408,7 +431,7 @@ class GRPO(L.LightningModule):
         raw = raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)  # what SFT trains on
         texts = scored_texts(self._prompt_texts(batch), raw, G)  # what rewards score (any <think> prefill restored)
         lengths, truncated = rollout.completion_lengths.tolist(), rollout.truncated.tolist()
-        scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
+        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
         return {
             "indices": batch["indices"], "prompts": batch["prompts"], "columns": batch["columns"], "num_generations": G,
             "completions": raw, "scored_texts": texts, "lengths": lengths, "truncated": truncated,
@@ -449,10 +472,6 @@ def _training_inputs(rollout: Rollout) -> tuple[dict[str, torch.Tensor], torch.T
     return inputs, target_mask, P
 
 
-def _repeat(values: list, times: int) -> list:
-    return [v for v in values for _ in range(times)]
-
-
 def _as_list(value: Any) -> list:
     if value is None:
         return []
@@ -475,7 +494,7 @@ def _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature,
         raise ConfigError(f"eval_num_samples={eval_num_samples}: must be >= 1")
 
 
-def _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level) -> None:
+def _check_options(num_generations, beta, kl_placement, num_iterations, loss_aggregation, importance_level) -> None:
     if num_generations < 1:
         raise ConfigError(f"num_generations={num_generations}: must be >= 1 (GRPO needs >= 2 for a non-zero advantage)")
     if beta < 0:
@@ -484,9 +503,26 @@ def _check_options(num_generations, beta, kl_placement, num_iterations, advantag
         raise ConfigError(f"kl_placement={kl_placement!r}: choose loss or reward")
     if num_iterations < 1:
         raise ConfigError(f"num_iterations={num_iterations}: must be >= 1")
-    if advantage_estimator not in ADVANTAGE_ESTIMATORS:
-        raise ConfigError(f"advantage_estimator={advantage_estimator!r}: choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")
     if loss_aggregation not in AGGREGATIONS:
         raise ConfigError(f"loss_aggregation={loss_aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
     if importance_level not in ("token", "sequence"):
         raise ConfigError(f"importance_level={importance_level!r}: choose token or sequence")
+
+
+# The constructor keys a component replaces, with their defaults: set both and one would be silently ignored.
+_REPLACED_BY = {
+    "policy_loss": {"epsilon": 0.2, "epsilon_high": None, "importance_level": "token", "loss_aggregation": "grpo"},
+    "kl_penalty": {"beta": 0.04, "kl_estimator": "k3", "kl_placement": "loss"},
+}
+
+
+def _check_component_options(policy_loss, kl_penalty, options: dict[str, Any]) -> None:
+    for component, given in (("policy_loss", policy_loss), ("kl_penalty", kl_penalty)):
+        if given is None:
+            continue
+        changed = [key for key, default in _REPLACED_BY[component].items() if options[key] != default]
+        if changed:
+            raise ConfigError(
+                f"{component}={given!r} replaces {', '.join(changed)}: set {'them' if len(changed) > 1 else 'it'} "
+                f"in {component}'s init_args instead"
+            )
