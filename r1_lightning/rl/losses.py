@@ -152,6 +152,7 @@ def policy_loss(
     ratio_level: str = "token",
     normalizer: float | Tensor | None = None,
     max_completion_length: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped surrogate loss of GRPO (with optional KL-in-loss, DAPO, Dr. GRPO, GSPO).
 
@@ -168,6 +169,8 @@ def policy_loss(
         ratio_level: `"token"` (PPO/GRPO) or `"sequence"` (GSPO).
         normalizer: Overrides the aggregation's denominator (micro-batching, DDP).
         max_completion_length: The `"dr_grpo"` constant (defaults to T).
+        token_weights: `[B*G, T]` detached, non-negative weights of the clipped term per token, e.g.
+            the sampler-mismatch importance weights of `r1_lightning.rl.sampler_correction`.
 
     Returns:
         The scalar loss and detached metrics: `policy_loss` (the clipped term alone,
@@ -188,6 +191,8 @@ def policy_loss(
     adv = advantages.unsqueeze(-1).to(ratio.dtype)  # [B*G, 1]
     clipped_ratio = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)  # [B*G, T]
     per_token_policy = -torch.min(ratio * adv, clipped_ratio * adv)  # [B*G, T]
+    if token_weights is not None:
+        per_token_policy = per_token_policy * token_weights  # w >= 0: w·min(a, b) = min(w·a, w·b)
     per_token_loss = per_token_policy if kl is None else per_token_policy + beta * kl  # [B*G, T]
     loss = aggregate_loss(per_token_loss, mask, aggregation, normalizer, max_completion_length)
 
