@@ -139,6 +139,10 @@ class RolloutEngine(ABC):
         """Whether the sampled log-probs are the policy's own (True) or another engine's (sampler/trainer mismatch)."""
         return True
 
+    def check_lengths(self, longest_prompt: int, max_new_tokens: int) -> None:
+        """Refuse, before any model loads, a length budget that cannot hold a prompt of `longest_prompt`
+        tokens and `max_new_tokens` more (raises `ConfigError`)."""
+
     def setup(self, model: nn.Module) -> None:
         """Prepare to sample from `model` (built, and sharded where the strategy shards). Called again: nothing to do."""
 

@@ -24,6 +24,7 @@ loop; its use is on a GPU with the official ``vllm`` package (the same Python AP
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import tempfile
@@ -121,15 +122,11 @@ class VLLMEngine(RolloutEngine):
         return False
 
     # ------------------------------------------------------------------------------- lifecycle
-    def check_lengths(self, longest_prompt: int, max_new_tokens: int, option: str = "max_new_tokens") -> None:
-        """Refuse a ``max_model_len`` that cannot hold the longest prompt plus its completion (before anything loads).
-
-        Raises:
-            ConfigError: naming both numbers.
-        """
+    @override
+    def check_lengths(self, longest_prompt: int, max_new_tokens: int) -> None:
         if self.max_model_len is not None and self.max_model_len < longest_prompt + max_new_tokens:
             raise ConfigError(
-                f"VLLMEngine(max_model_len={self.max_model_len}) < max_prompt_length {longest_prompt} + {option} "
+                f"VLLMEngine(max_model_len={self.max_model_len}) < max_prompt_length {longest_prompt} + max_new_tokens "
                 f"{max_new_tokens}: raise max_model_len to at least {longest_prompt + max_new_tokens}"
             )
 
@@ -138,7 +135,9 @@ class VLLMEngine(RolloutEngine):
         if self.llm is not None:
             return
         device = model_device(model)
-        config = _hf_model(model).config
+        hf = _hf_model(model)
+        config = copy.deepcopy(hf.config)
+        config.architectures = [type(hf).__name__.removeprefix("FSDP")]  # the class vLLM must build (FSDP2 renames it)
         self._check_device_options(device)
         self._check_model(config, device)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process, next to the policy
@@ -167,6 +166,9 @@ class VLLMEngine(RolloutEngine):
         if not self._owns_process_group and dist.get_world_size() > 1:
             # One engine per training rank, in the ranks' existing process group (each rank its own data-parallel engine).
             options["distributed_executor_backend"] = "external_launcher"
+            # It reads the torchrun variables, which Lightning's launcher does not all set.
+            os.environ.setdefault("RANK", str(dist.get_rank()))
+            os.environ.setdefault("LOCAL_RANK", str(device.index if device.type == "cuda" else dist.get_rank()))
         set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
         start = time.perf_counter()
         try:
@@ -240,9 +242,10 @@ class VLLMEngine(RolloutEngine):
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
         seeds = request_seeds(generator, len(prompt_ids))
+        n = 1 if params.greedy else num_generations  # vLLM refuses n > 1 when greedy: the G rows are copies
         requests = [
             VLLMSamplingParams(
-                n=num_generations, seed=seed, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                n=n, seed=seed, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 max_tokens=params.max_new_tokens, logprobs=0, ignore_eos=True, stop_token_ids=list(params.eos_token_ids),
                 detokenize=False,
             )
@@ -253,7 +256,7 @@ class VLLMEngine(RolloutEngine):
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)  # weights and KV cache released for the training step; the next sync reloads both
             self._asleep, self._stale = True, True
-        completions = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
+        completions = [sorted(out.outputs, key=lambda c: c.index) * (num_generations // n) for out in outputs]
         return rollout_from_completions(prompt_ids, completions, params, model_device(model))
 
     # ---------------------------------------------------------------------------------- checks
@@ -271,9 +274,9 @@ class VLLMEngine(RolloutEngine):
     def _check_model(self, config, device: torch.device) -> None:
         from vllm import ModelRegistry
 
-        architectures = list(getattr(config, "architectures", None) or [])
-        if not any(a in ModelRegistry.get_supported_archs() for a in architectures):
-            raise ConfigError(f"VLLMEngine: vLLM cannot load architecture {architectures or '(none in config.json)'}")
+        architecture = config.architectures[0]
+        if architecture not in ModelRegistry.get_supported_archs():
+            raise ConfigError(f"VLLMEngine: vLLM cannot load the architecture {architecture}")
         head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if device.type == "cpu" and head_size not in CPU_HEAD_SIZES:
             raise ConfigError(

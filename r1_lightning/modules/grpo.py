@@ -36,6 +36,7 @@ from r1_lightning.rl.groups import per_completion, repeat_per_completion
 from r1_lightning.rl.kl import KLEstimator, KLPenalty
 from r1_lightning.rl.losses import AGGREGATIONS, ClippedLoss, PolicyLoss
 from r1_lightning.rl.masked import masked_mean
+from r1_lightning.rl.sampler_correction import CorrectionLevel, CorrectionMode, sampler_weights
 
 
 # Sampling streams of `_prompt_generators` besides training's rollout steps (which count up from 0).
@@ -119,7 +120,14 @@ class GRPO(L.LightningModule):
         eval_temperature: Validation sampling temperature (0 = greedy, then use k = 1).
         eval_max_new_tokens: Validation token budget (default ``max_new_tokens``).
         answer_column: Column with the reference answer that validation scores against.
-        rollout_engine: How completions are sampled (default: ``HFGenerateEngine``).
+        rollout_engine: How completions are sampled, in training, validation and predict:
+            ``HFGenerateEngine`` (default, the policy itself) or ``VLLMEngine`` (``class_path``, or an
+            instance from Python).
+        sampler_correction: For an engine that is not the policy itself (vLLM): weight each term by
+            π_old / π_sampler, ``tis`` (truncated at the threshold), ``mis`` (terms above it dropped) or
+            ``none`` (mismatch only logged). See ``r1_lightning.rl.sampler_correction``.
+        sampler_correction_level: ``token`` or ``sequence`` importance ratios.
+        sampler_correction_threshold: C, the largest importance weight kept.
         export_hf: Write ``<log dir>/hf_model/`` when fit ends.
         seed: Seed of sampling (per prompt and step) and of a built-in model's initial weights.
         fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype weights are gathered and
@@ -176,6 +184,9 @@ class GRPO(L.LightningModule):
         eval_max_new_tokens: int | None = None,
         answer_column: str = "answer",
         rollout_engine: RolloutEngine | None = None,
+        sampler_correction: CorrectionMode = "tis",
+        sampler_correction_level: CorrectionLevel = "token",
+        sampler_correction_threshold: float = 2.0,
         export_hf: bool = True,
         seed: int = 0,
         fsdp_param_dtype: str | None = None,
@@ -194,6 +205,8 @@ class GRPO(L.LightningModule):
         ))
         _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
+        if sampler_correction_threshold <= 0:
+            raise ConfigError(f"sampler_correction_threshold={sampler_correction_threshold}: must be > 0")
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         rewards = rewards if rewards is not None else [Accuracy(), LenientFormat()]  # `[]` is refused, not replaced
@@ -222,6 +235,35 @@ class GRPO(L.LightningModule):
         if hp.compile and (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
             rank_zero_warn(f"GRPO(compile=True): the training forwards stay eager: {reason}")
 
+    @override
+    def setup(self, stage: str) -> None:
+        # Before any model loads: an engine whose length budget cannot hold a prompt and its completion.
+        longest = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "max_prompt_length", None)
+        if longest is not None:
+            hp = self.hparams
+            self.engine.check_lengths(longest, max(hp.max_new_tokens, hp.eval_max_new_tokens or 0))
+
+    # The engine starts once the policy is built and sharded, and stops with the stage.
+    @override
+    def on_fit_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_test_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_predict_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self.engine.teardown()
+
     def reference_context(self):
         """Context in which ``reference_model`` computes reference log-probs."""
         return self.model.disable_adapter() if self.hparams.lora is not None else nullcontext()
@@ -235,6 +277,7 @@ class GRPO(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         hp, G = self.hparams, self.hparams.num_generations
         generators = self._prompt_generators(batch, self.rollout_step) or self._generator()
+        sync_seconds = self.engine.sync_weights(self.model)  # the weights of the last optimizer step
         rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
         texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
         scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
@@ -256,13 +299,15 @@ class GRPO(L.LightningModule):
         old_logprobs = self._old_logprobs(inputs, target_mask, P) if hp.num_iterations > 1 else None
 
         for _ in range(hp.num_iterations):
-            update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs)
+            update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs)
         self.rollout_step += 1
+        if sync_seconds is not None:
+            metrics["weight_sync_s"] = torch.tensor(sync_seconds)
         self._log_step(rollout, scores, rewards, {**metrics, **adv_metrics, **update_metrics})
         record = RolloutBatch(rollout, texts, rewards.detach(), scores.scores, advantages, G)
         return {"loss": update_metrics["loss"], "rollout": record}
 
-    def _update(self, inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs) -> dict[str, torch.Tensor]:
+    def _update(self, inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, sampler_logprobs) -> dict[str, torch.Tensor]:
         """One pass over the rollouts in mini-batches (one optimizer step each) of micro-batches."""
         hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
         rows = advantages.shape[0]
@@ -282,22 +327,28 @@ class GRPO(L.LightningModule):
                 penalty, kl_metrics = None, {}
                 if ref_logprobs is not None and self.kl_penalty.placement == "loss":
                     penalty, kl_metrics = self.kl_penalty.loss_term(logprobs, old, ref_logprobs[r], loss_mask[r])
+                weights, sampler_metrics = self._sampler_weights(old, sampler_logprobs[r], loss_mask[r])
                 loss, metrics = self.policy_loss(
-                    logprobs, old, advantages[r], loss_mask[r], penalty=penalty, entropy=entropy,
+                    logprobs, old, advantages[r], loss_mask[r], penalty=penalty, entropy=entropy, token_weights=weights,
                     normalizer=normalizer, max_completion_length=hp.max_new_tokens,
                 )
                 metrics.update(kl_metrics)
+                metrics.update(sampler_metrics)
                 self.manual_backward(loss)
                 self.guard.record_loss(loss)
                 weight = (r.stop - r.start) / rows
                 metrics = {**metrics, "loss": loss.detach(), "entropy": masked_mean(entropy, loss_mask[r])}
                 for name, value in metrics.items():
+                    if name == "sampler_is_ratio_max":
+                        totals[name] = torch.maximum(totals.get(name, value), value)
+                        continue
                     totals[name] = totals.get(name, 0.0) + value.detach() * (1.0 if name in ("loss", "policy_loss") else weight)
             if hp.max_grad_norm > 0:
                 clip_grad_norm(self, optimizer, hp.max_grad_norm)  # FSDP1 needs its root's own clipping
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            self.engine.mark_stale()  # an engine with its own copy of the weights pushes them before the next rollout
         num_minibatches = -(-rows // mini)
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
 
@@ -305,6 +356,16 @@ class GRPO(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called inside `optimizer.step()`: no-signal and (with nonfinite: skip) NaN steps drop their gradients.
         self.guard.before_optimizer_step(self, optimizer)
+
+    def _sampler_weights(self, old_logprobs, sampler_logprobs, loss_mask) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Importance weights π_old / π_sampler when the engine is not the policy itself; (None, {}) when it is."""
+        hp = self.hparams
+        if self.engine.samples_from_policy:
+            return None, {}
+        weights, metrics = sampler_weights(
+            old_logprobs, sampler_logprobs, loss_mask, hp.sampler_correction, hp.sampler_correction_level, hp.sampler_correction_threshold
+        )
+        return (None if hp.sampler_correction == "none" else weights), metrics
 
     def _prompt_texts(self, batch: dict[str, Any]) -> list[str]:
         """Rendered prompts: ``PromptDataModule`` sends them; another data module's ids are decoded."""
@@ -384,6 +445,11 @@ class GRPO(L.LightningModule):
         for name in optional + ("entropy_kept", "entropy_dropped", "entropy_kept_frac"):  # what the loss reports
             if name in metrics:
                 logged[f"train/{name}"] = metrics[name]
+        for name in ("sampler_logprob_diff", "sampler_is_ratio_mean", "sampler_masked_frac"):
+            if name in metrics:
+                logged[f"train/{name}"] = metrics[name]
+        if "weight_sync_s" in metrics:
+            logged["perf/weight_sync_s"] = metrics["weight_sync_s"]
         for name, values in scores.scores.items():
             logged[f"train/rewards/{name}"] = torch.nanmean(values)
         for name, count in scores.failures.items():
@@ -392,6 +458,9 @@ class GRPO(L.LightningModule):
         logged = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in logged.items()}
         self.log("train/reward", logged.pop("train/reward"), prog_bar=True, sync_dist=True, batch_size=rewards.shape[0])
         self.log_dict(logged, sync_dist=True, batch_size=rewards.shape[0])
+        if "sampler_is_ratio_max" in metrics:
+            ratio_max = torch.as_tensor(metrics["sampler_is_ratio_max"], dtype=torch.float32, device=self.device)
+            self.log("train/sampler_is_ratio_max", ratio_max, sync_dist=True, reduce_fx="max", batch_size=rewards.shape[0])
         self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
 
     # ------------------------------------------------------------------------------ evaluation

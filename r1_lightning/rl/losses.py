@@ -516,7 +516,8 @@ def policy_loss(
         ratio_level: `"token"` (PPO/GRPO) or `"sequence"` (GSPO).
         normalizer: Overrides the aggregation's denominator (micro-batching, DDP).
         max_completion_length: The `"dr_grpo"` constant (defaults to T).
-        token_weights: `[B*G, T]` detached, non-negative weights of the clipped term per token.
+        token_weights: `[B*G, T]` detached, non-negative weights of the clipped term per token, e.g.
+            the sampler-mismatch importance weights of `r1_lightning.rl.sampler_correction`.
 
     Returns:
         The scalar loss and detached metrics: `policy_loss` (the clipped term alone,
