@@ -21,13 +21,14 @@ pytest.importorskip("vllm", reason="vLLM is not importable (make test installs t
 from grpo_helpers import RolloutRecorder, fit, logged_metrics, prompt_data, tiny_grpo  # noqa: E402
 from user_rewards import CharShare  # noqa: E402
 
-from r1_lightning.engines import VLLMEngine  # noqa: E402
+from r1_lightning import GRPO, PromptDataModule  # noqa: E402
+from r1_lightning.engines import HFGenerateEngine, VLLMEngine  # noqa: E402
 
 SAMPLER_METRICS = ("train/sampler_logprob_diff", "train/sampler_is_ratio_mean", "train/sampler_is_ratio_max", "train/sampler_masked_frac")
 
 
-def _engine() -> VLLMEngine:
-    return VLLMEngine(max_model_len=128, cpu_kv_cache_gib=0.25)
+def _engine(max_model_len: int = 128) -> VLLMEngine:
+    return VLLMEngine(max_model_len=max_model_len, cpu_kv_cache_gib=0.25)
 
 
 @pytest.mark.slow
@@ -182,3 +183,27 @@ def test_two_processes_sample_what_one_samples(cli_runs, strategy):
     assert len(_logged(multi, "perf/weight_sync_s")) == 4
     assert max(_logged(multi, "train/sampler_logprob_diff")) < 1e-4
     torch.testing.assert_close(torch.tensor(_logged(multi, "train/loss")), torch.tensor(_logged(single, "train/loss")), rtol=0, atol=1e-4)
+
+
+SFT_MODEL = Path(__file__).parent / "assets" / "tiny_sft"  # builtin:tiny after cold-start SFT
+
+
+@pytest.mark.slow
+def test_validation_and_rejection_sampling_through_vllm_equal_the_hf_engines(tmp_path):
+    """Greedy: both engines sample the same text, so validation metrics and predict outputs agree exactly."""
+
+    def run(engine):
+        module = GRPO(
+            str(SFT_MODEL), temperature=0.0, eval_temperature=0.0, eval_num_samples=1, num_generations=1, max_new_tokens=96,
+            rollout_engine=engine, export_hf=False,
+        )
+        data = PromptDataModule(batch_size=4, max_prompt_length=64, num_samples=4, num_val_samples=4)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        metrics = trainer.validate(module, data, verbose=False)[0]
+        predictions = trainer.predict(module, data)
+        return metrics, [(p["completions"], p["total"]) for p in predictions]
+
+    (hf_metrics, hf_predictions), (metrics, predictions) = run(HFGenerateEngine()), run(_engine(160))
+    assert hf_metrics["val/format"] > 0  # the SFT model writes the format: the metrics see the text
+    assert metrics == pytest.approx(hf_metrics, abs=1e-6)
+    assert predictions == hf_predictions
