@@ -10,6 +10,7 @@ Variants (Dr. GRPO, DAPO, GSPO, RLOO, CISPO, SAPO, ...) are components chosen by
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -199,10 +200,11 @@ class GRPO(L.LightningModule):
         self.advantage_estimator = resolve_advantage_estimator(advantage_estimator)
         self.policy_loss = policy_loss or ClippedLoss(epsilon, epsilon_high, importance_level, loss_aggregation)
         self.kl_penalty = kl_penalty or KLPenalty(kl_estimator, beta, kl_placement)
-        _check_component_options(policy_loss, kl_penalty, dict(
-            epsilon=epsilon, epsilon_high=epsilon_high, importance_level=importance_level, loss_aggregation=loss_aggregation,
-            beta=beta, kl_estimator=kl_estimator, kl_placement=kl_placement,
-        ))
+        _check_component_options(
+            dict(policy_loss=policy_loss, kl_penalty=kl_penalty),
+            dict(epsilon=epsilon, epsilon_high=epsilon_high, importance_level=importance_level, loss_aggregation=loss_aggregation,
+                 beta=beta, kl_estimator=kl_estimator, kl_placement=kl_placement),
+        )
         _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         if sampler_correction_threshold <= 0:
@@ -211,7 +213,6 @@ class GRPO(L.LightningModule):
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         rewards = rewards if rewards is not None else [Accuracy(), LenientFormat()]  # `[]` is refused, not replaced
         self.reward_set = RewardSet(rewards, reward_weights, reward_on_error, reward_timeout)
-        self.kl_estimator = self.kl_penalty.estimator
         self.engine = rollout_engine or HFGenerateEngine()
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
@@ -578,18 +579,20 @@ def _check_options(num_generations, beta, kl_placement, num_iterations, loss_agg
         raise ConfigError(f"importance_level={importance_level!r}: choose token or sequence")
 
 
-# The constructor keys a component replaces, with their defaults: set both and one would be silently ignored.
+# The constructor keys each component replaces: a component and a changed key together would ignore the key.
 _REPLACED_BY = {
-    "policy_loss": {"epsilon": 0.2, "epsilon_high": None, "importance_level": "token", "loss_aggregation": "grpo"},
-    "kl_penalty": {"beta": 0.04, "kl_estimator": "k3", "kl_placement": "loss"},
+    "policy_loss": ("epsilon", "epsilon_high", "importance_level", "loss_aggregation"),
+    "kl_penalty": ("beta", "kl_estimator", "kl_placement"),
 }
 
 
-def _check_component_options(policy_loss, kl_penalty, options: dict[str, Any]) -> None:
-    for component, given in (("policy_loss", policy_loss), ("kl_penalty", kl_penalty)):
+def _check_component_options(components: dict[str, Any], options: dict[str, Any]) -> None:
+    defaults = inspect.signature(GRPO.__init__).parameters
+    for component, keys in _REPLACED_BY.items():
+        given = components[component]
         if given is None:
             continue
-        changed = [key for key, default in _REPLACED_BY[component].items() if options[key] != default]
+        changed = [key for key in keys if options[key] != defaults[key].default]
         if changed:
             raise ConfigError(
                 f"{component}={given!r} replaces {', '.join(changed)}: set {'them' if len(changed) > 1 else 'it'} "
