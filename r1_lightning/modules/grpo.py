@@ -161,7 +161,7 @@ class GRPO(L.LightningModule):
         num_iterations: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
-        advantage_estimator: str | AdvantageEstimator = "grpo",
+        advantage_estimator: AdvantageEstimator | str = "grpo",
         loss_aggregation: str = "grpo",
         importance_level: Literal["token", "sequence"] = "token",
         policy_loss: PolicyLoss | None = None,
