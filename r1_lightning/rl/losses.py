@@ -407,7 +407,8 @@ class CISPOLoss(PolicyLoss):
     (`aggregation="dapo"`, the default here).
 
     Args:
-        epsilon_high: Upper bound of the weight is 1 + ε_high.
+        epsilon_high: Upper bound of the weight is 1 + ε_high; default 0.28, DAPO's clip-higher value (the
+            paper gives no number; tune it).
         epsilon_low: Lower bound 1 - ε_low; None = no lower bound (the paper's setting).
         aggregation: See `PolicyLoss`; default `"dapo"` (the paper's 1/Σ|o_i|).
         top_entropy_quantile: See `PolicyLoss`.
@@ -416,7 +417,7 @@ class CISPOLoss(PolicyLoss):
 
     def __init__(
         self,
-        epsilon_high: float = 4.0,
+        epsilon_high: float = 0.28,
         epsilon_low: float | None = None,
         aggregation: str = "dapo",
         top_entropy_quantile: float = 1.0,
