@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from r1_lightning.dynamic_sampling import refill_informative_groups
 from r1_lightning.errors import ConfigError
 from r1_lightning.rewards import RewardSet
 from r1_lightning.rl.advantages import (
@@ -37,6 +38,7 @@ from r1_lightning.rl.losses import (
     micro_batch_normalizers,
     top_entropy_mask,
 )
+from test_dynamic_sampling import sampled
 
 
 # ---------------------------------------------------------------------------------------- groups
@@ -333,13 +335,20 @@ def _batch_std_worker(rank: int, world_size: int, init_file: str, results: str) 
         logprobs, _, _, mask = _inputs()
         rows = torch.arange(12).reshape(3, G)[rank::world_size].reshape(-1)
         normalizer = loss_fn.normalizers(mask[rows], [slice(0, len(rows))])[0]
-        torch.save({"advantages": advantages, "normalizer": normalizer}, f"{results}/rank{rank}.pt")
+        # DAPO refill: rank 0's loader batch is flat and its draws stay flat; rank 1's is informative. Both must
+        # draw as often (generation may be a collective): until the draws run out, 3 times.
+        calls = []
+        first = sampled([1.0, 1.0, 1.0, 1.0] if rank == 0 else [0.0, 1.0, 0.0, 1.0], 0)
+        _, draws = refill_informative_groups(
+            first, lambda k: calls.append(k) or sampled([2.0] * 4, 10 * k), lambda s: s.total, 2, max_draws=3, pad_token_id=0
+        )
+        torch.save({"advantages": advantages, "normalizer": normalizer, "draws": (draws, calls)}, f"{results}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes
-def test_batch_std_and_token_counts_over_two_processes_equal_one(tmp_path):
+def test_two_processes_batch_std_token_counts_and_refill_draws(tmp_path):
     # Rank 0 holds groups 0 and 2, rank 1 group 1 (DistributedSampler's interleaving).
     mp.spawn(_batch_std_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
@@ -351,3 +360,4 @@ def test_batch_std_and_token_counts_over_two_processes_equal_one(tmp_path):
     assert not torch.allclose(local, one_process[G:2 * G])
     # dapo's token count: all 31 tokens of the 12 rows, over 2 ranks (DDP averages the gradients): 31 / 2.
     assert rank0["normalizer"].item() == rank1["normalizer"].item() == sum(LENGTHS) / 2
+    assert rank0["draws"] == rank1["draws"] == (3, [1, 2, 3])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from r1_lightning.dynamic_sampling import SampledGroups, refill_informative_groups
 from r1_lightning.engines import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
 from r1_lightning.engines import compiled_forward
 from r1_lightning.errors import ConfigError
@@ -102,7 +104,11 @@ class GRPO(L.LightningModule):
         normalize_each_reward: Normalise each reward within its group (mean 0, std 1) before the
             weighted sum (GDPO-style multi-reward training), so no reward's scale drowns the others.
         mask_truncated: Exclude completions that hit ``max_new_tokens`` from the loss (DAPO).
-        dynamic_sampling: Drop groups whose rewards are all equal from the loss (DAPO; no refill).
+        dynamic_sampling: Drop groups whose rewards are all equal from the loss (DAPO).
+        dynamic_sampling_max_draws: With ``dynamic_sampling``: draw up to this many extra batches of
+            prompts per step until each rank holds B groups with reward spread (DAPO's over-sampling;
+            ``train/dynamic_sampling_draws``; needs ``PromptDataModule``); 0: only drop, no refill.
+            See ``r1_lightning.dynamic_sampling``.
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up optimizer steps.
@@ -169,6 +175,7 @@ class GRPO(L.LightningModule):
         normalize_each_reward: bool = False,
         mask_truncated: bool = False,
         dynamic_sampling: bool = False,
+        dynamic_sampling_max_draws: int = 0,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -200,6 +207,8 @@ class GRPO(L.LightningModule):
         self.advantage_estimator = resolve_advantage_estimator(advantage_estimator)
         self.policy_loss = policy_loss or ClippedLoss(epsilon, epsilon_high, importance_level, loss_aggregation)
         self.kl_penalty = kl_penalty or KLPenalty(kl_estimator, beta, kl_placement)
+        if dynamic_sampling_max_draws < 0:
+            raise ConfigError(f"dynamic_sampling_max_draws={dynamic_sampling_max_draws}: must be >= 0")
         _check_component_options(
             dict(policy_loss=policy_loss, kl_penalty=kl_penalty),
             dict(epsilon=epsilon, epsilon_high=epsilon_high, importance_level=importance_level, loss_aggregation=loss_aggregation,
@@ -277,13 +286,13 @@ class GRPO(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         hp, G = self.hparams, self.hparams.num_generations
-        generators = self._prompt_generators(batch, self.rollout_step) or self._generator()
         sync_seconds = self.engine.sync_weights(self.model)  # the weights of the last optimizer step
-        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
-        texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
-        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
-        total = self.reward_set.group_normalized_total(scores, G) if hp.normalize_each_reward else scores.total
-        rewards = total.to(self.device)  # [B*G]
+        sampled, draws = self._sample(batch, self.rollout_step), 0
+        if hp.dynamic_sampling and hp.dynamic_sampling_max_draws > 0:  # DAPO: draw more until B groups have reward spread
+            draw = partial(self._draw, count=sampled.num_prompts)
+            sampled, draws = refill_informative_groups(sampled, draw, self._reward_total, G, hp.dynamic_sampling_max_draws, self.tokenizer.pad_token_id)
+        batch, rollout, texts, scores = sampled.batch, sampled.rollout, sampled.texts, sampled.scores
+        rewards = self._reward_total(scores).to(self.device)  # [B*G]
 
         inputs, target_mask, P = _training_inputs(rollout)
         completion_mask = rollout.completion_mask.bool()  # [B*G, T]
@@ -297,6 +306,7 @@ class GRPO(L.LightningModule):
         if hp.dynamic_sampling:
             keep, keep_metrics = dynamic_sampling_mask(rewards, G)
             loss_mask, metrics = loss_mask & per_completion(keep, G)[:, None], {**metrics, **keep_metrics}
+            metrics["dynamic_sampling_draws"] = torch.tensor(float(draws))
         old_logprobs = self._old_logprobs(inputs, target_mask, P) if hp.num_iterations > 1 else None
 
         for _ in range(hp.num_iterations):
@@ -352,6 +362,29 @@ class GRPO(L.LightningModule):
             self.engine.mark_stale()  # an engine with its own copy of the weights pushes them before the next rollout
         num_minibatches = -(-rows // mini)
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
+
+    def _sample(self, batch: dict[str, Any], stream: int) -> SampledGroups:
+        """G completions for each prompt of ``batch``, and their rewards."""
+        G = self.hparams.num_generations
+        generators = self._prompt_generators(batch, stream) or self._generator()
+        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
+        texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
+        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
+        return SampledGroups(batch, rollout, texts, scores)
+
+    def _draw(self, draw: int, count: int) -> SampledGroups:
+        """The ``draw``-th extra batch of ``count`` prompts of this step (DAPO), seeded by (seed, rollout step, draw)."""
+        data = self.trainer.datamodule
+        if not hasattr(data, "draw_prompts"):
+            raise ConfigError(f"dynamic_sampling_max_draws needs a data module with draw_prompts (PromptDataModule), not {type(data).__name__}")
+        generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + self.rollout_step * 1_009 + draw) % (2**63))
+        batch = data.draw_prompts(count, generator, self.global_rank, self.trainer.world_size)
+        return self._sample(batch, self.rollout_step + draw * 10_000_019)  # a stream of its own for each draw
+
+    def _reward_total(self, scores) -> torch.Tensor:
+        """The reward advantages start from: the weighted total, of each reward normalised in its group if asked."""
+        G = self.hparams.num_generations
+        return self.reward_set.group_normalized_total(scores, G) if self.hparams.normalize_each_reward else scores.total
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -442,7 +475,7 @@ class GRPO(L.LightningModule):
             "train/zero_std_frac": metrics["zero_std_frac"],
             "train/reward_std": metrics["reward_std"],
         }
-        optional = ("kl", "kept_frac", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "gate_gradient_weight")
+        optional = ("kl", "kept_frac", "dynamic_sampling_draws", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "gate_gradient_weight")
         for name in optional + ("entropy_kept", "entropy_dropped", "entropy_kept_frac"):  # what the loss reports
             if name in metrics:
                 logged[f"train/{name}"] = metrics[name]
