@@ -45,7 +45,11 @@ def model_directory(name: str, root: Path) -> Path:
         gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
         target = root / "smollm2"
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
-        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).save_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # dequantised to float32 on load: saved as plain safetensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(target)
         return target
     if name.startswith("builtin:"):
         tokenizer = load_tokenizer(name)
