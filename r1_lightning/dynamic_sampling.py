@@ -78,17 +78,17 @@ def concat_sampled(parts: list[SampledGroups], pad_token_id: int) -> SampledGrou
 
 def select_groups(sampled: SampledGroups, groups: list[int], num_generations: int) -> SampledGroups:
     """The given prompts (by position) and their groups' rows, in the given order."""
-    rows = [row for g in groups for row in range(*group_rows(g, num_generations).indices(sampled.rollout.truncated.shape[0]))]
-    index = torch.tensor(rows, dtype=torch.long, device=sampled.rollout.truncated.device)
-    rollout = Rollout(**{f.name: getattr(sampled.rollout, f.name).index_select(0, index) for f in fields(Rollout)})
+    spans = [group_rows(g, num_generations) for g in groups]
+    rows = [row for span in spans for row in range(span.start, span.stop)]
+    index = torch.tensor(rows, dtype=torch.long)
+
+    def pick(values: Tensor) -> Tensor:
+        return values.index_select(0, index.to(values.device))
+
+    rollout = Rollout(**{f.name: pick(getattr(sampled.rollout, f.name)) for f in fields(Rollout)})
     batch = {key: [values[g] for g in groups] for key, values in sampled.batch.items() if key != "columns"}
     batch["columns"] = {name: [values[g] for g in groups] for name, values in sampled.batch["columns"].items()}
-    cpu_index = index.cpu()
-    scores = RewardScores(
-        {name: s.index_select(0, cpu_index.to(s.device)) for name, s in sampled.scores.scores.items()},
-        sampled.scores.total.index_select(0, cpu_index.to(sampled.scores.total.device)),
-        sampled.scores.failures,
-    )
+    scores = RewardScores({name: pick(v) for name, v in sampled.scores.scores.items()}, pick(sampled.scores.total), sampled.scores.failures)
     return SampledGroups(batch, rollout, [sampled.texts[i] for i in rows], scores)
 
 
