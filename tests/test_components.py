@@ -28,7 +28,7 @@ from r1_lightning.rl.advantages import (
     resolve_advantage_estimator,
 )
 from r1_lightning.rl.groups import group_rows, group_view, per_completion, repeat_per_completion
-from r1_lightning.rl.kl import K3, KLPenalty
+from r1_lightning.rl.kl import KLPenalty
 from r1_lightning.rl.losses import (
     CISPOLoss,
     ClippedLoss,

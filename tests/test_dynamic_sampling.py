@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from grpo_helpers import RolloutRecorder, TextHash, fit, logged_metrics, prompt_data, tiny_grpo
