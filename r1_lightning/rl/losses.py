@@ -254,7 +254,8 @@ class PolicyLoss:
         aggregation: `"grpo"`, `"bnpo"`, `"dapo"` or `"dr_grpo"` (module docstring).
         top_entropy_quantile: Train only on this fraction of the completion tokens with the
             highest entropy (https://arxiv.org/abs/2506.01939; 0.2 there); 1.0 = every token.
-            The dropped tokens still count in the aggregation's denominator (as in TRL).
+            The dropped tokens still count in the aggregation's denominator (as in TRL); the entropy
+            threshold is taken over the completion tokens of each call (in GRPO: each micro-batch, per rank).
         entropy_coef: Weight of an entropy bonus (loss -= coef · aggregated entropy); 0 = off.
     """
 
