@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import os
 import tempfile
 import time
@@ -170,10 +171,13 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("RANK", str(dist.get_rank()))
             os.environ.setdefault("LOCAL_RANK", str(device.index if device.type == "cuda" else dist.get_rank()))
         set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        renderer_log.addFilter(_no_chat_template_warmup)  # no tokenizer, on purpose: token ids in, token ids out
         start = time.perf_counter()
         try:
             self.llm = LLM(**options)
         finally:
+            renderer_log.removeFilter(_no_chat_template_warmup)
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process: put it back.
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads)
@@ -283,6 +287,10 @@ class VLLMEngine(RolloutEngine):
                 f"VLLMEngine: vLLM's CPU attention does not support head size {head_size} "
                 f"(hidden_size {config.hidden_size} / {config.num_attention_heads} heads); it supports {list(CPU_HEAD_SIZES)}"
             )
+
+
+def _no_chat_template_warmup(record: logging.LogRecord) -> bool:
+    return "Chat template warmup failed" not in record.getMessage()
 
 
 def request_seeds(generator: torch.Generator | list[torch.Generator] | None, num_prompts: int) -> list[int | None]:
