@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from r1_lightning.dynamic_sampling import refill_informative_groups
+from r1_lightning.dynamic_sampling import SampledGroups, refill_informative_groups
+from r1_lightning.engines import Rollout
 from r1_lightning.errors import ConfigError
-from r1_lightning.rewards import RewardSet
+from r1_lightning.rewards import RewardScores, RewardSet
 from r1_lightning.rl.advantages import (
     AdvantageEstimator,
     BatchStd,
@@ -38,7 +39,6 @@ from r1_lightning.rl.losses import (
     micro_batch_normalizers,
     top_entropy_mask,
 )
-from test_dynamic_sampling import sampled
 
 
 # ---------------------------------------------------------------------------------------- groups
@@ -325,7 +325,33 @@ def test_losses_match_the_paper_formulas(aggregation, level):
 
 
 
-# ------------------------------------------------------------------------------ batch_std over ranks
+# ------------------------------------------------------------------ batch_std and DAPO draws over ranks
+# Scripted draws for the dynamic-sampling tests (here, so spawned ranks import little).
+PAD = 0
+
+
+def rollout(prompt_len: int, completion_len: int, rows: int, first_id: int) -> Rollout:
+    ids = torch.arange(first_id, first_id + rows)[:, None]  # row r's tokens are all first_id + r
+    return Rollout(
+        prompt_ids=ids.expand(rows, prompt_len).clone(), prompt_mask=torch.ones(rows, prompt_len, dtype=torch.long),
+        completion_ids=ids.expand(rows, completion_len).clone(), completion_mask=torch.ones(rows, completion_len, dtype=torch.long),
+        logprobs=-torch.ones(rows, completion_len), truncated=torch.zeros(rows, dtype=torch.bool),
+    )
+
+
+def sampled(rewards: list[float], first_index: int, prompt_len: int = 1, completion_len: int = 1) -> SampledGroups:
+    # Groups of G = 2; prompt k has dataset index first_index + k; texts name their row.
+    prompts = len(rewards) // 2
+    batch = {
+        "indices": list(range(first_index, first_index + prompts)), "prompts": [f"p{first_index + k}" for k in range(prompts)],
+        "prompt_texts": [""] * prompts, "prompt_ids": [[1]] * prompts, "columns": {"answer": list(range(prompts))},
+    }
+    scores = torch.tensor(rewards)
+    texts = [f"{first_index}:{i}" for i in range(len(rewards))]
+    return SampledGroups(batch, rollout(prompt_len, completion_len, len(rewards), 10 * first_index + 1), texts,
+                         RewardScores({"r": scores}, scores, {"r": 0}))
+
+
 def _batch_std_worker(rank: int, world_size: int, init_file: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:

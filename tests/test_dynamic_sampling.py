@@ -9,34 +9,8 @@ import torch
 
 from grpo_helpers import RolloutRecorder, TextHash, fit, logged_metrics, prompt_data, tiny_grpo
 from resume_helpers import _assert_same_run, _fit_with_interruptions
-from r1_lightning.dynamic_sampling import SampledGroups, concat_rollouts, refill_informative_groups, select_groups
-from r1_lightning.engines import Rollout
-from r1_lightning.rewards import RewardScores
-
-PAD = 0
-
-
-def rollout(prompt_len: int, completion_len: int, rows: int, first_id: int) -> Rollout:
-    ids = torch.arange(first_id, first_id + rows)[:, None]  # row r's tokens are all first_id + r
-    return Rollout(
-        prompt_ids=ids.expand(rows, prompt_len).clone(), prompt_mask=torch.ones(rows, prompt_len, dtype=torch.long),
-        completion_ids=ids.expand(rows, completion_len).clone(), completion_mask=torch.ones(rows, completion_len, dtype=torch.long),
-        logprobs=-torch.ones(rows, completion_len), truncated=torch.zeros(rows, dtype=torch.bool),
-    )
-
-
-def sampled(rewards: list[float], first_index: int, prompt_len: int = 1, completion_len: int = 1) -> SampledGroups:
-    # Groups of G = 2; prompt k has dataset index first_index + k; texts name their row.
-    prompts = len(rewards) // 2
-    batch = {
-        "indices": list(range(first_index, first_index + prompts)), "prompts": [f"p{first_index + k}" for k in range(prompts)],
-        "prompt_texts": [""] * prompts, "prompt_ids": [[1]] * prompts, "columns": {"answer": list(range(prompts))},
-    }
-    scores = torch.tensor(rewards)
-    texts = [f"{first_index}:{i}" for i in range(len(rewards))]
-    return SampledGroups(batch, rollout(prompt_len, completion_len, len(rewards), 10 * first_index + 1), texts,
-                         RewardScores({"r": scores}, scores, {"r": 0}))
-
+from r1_lightning.dynamic_sampling import concat_rollouts, refill_informative_groups, select_groups
+from test_components import PAD, rollout, sampled
 
 def test_concat_rollouts_repads_and_select_groups_keeps_rows_in_order():
     # A: 2 rows, prompt 1 / completion 3 tokens; B: 2 rows, prompt 2 / completion 1. Prompts pad on the left,
