@@ -66,14 +66,16 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
 
 def concat_sampled(parts: list[SampledGroups], pad_token_id: int) -> SampledGroups:
     """Several draws as one `SampledGroups`, in order."""
-    batch: dict[str, Any] = {key: [v for p in parts for v in p.batch[key]] for key in ("indices", "prompts", "prompt_texts", "prompt_ids") if key in parts[0].batch}
+    keys = [key for key in parts[0].batch if key != "columns"]
+    batch: dict[str, Any] = {key: [v for p in parts for v in p.batch[key]] for key in keys}
     batch["columns"] = {name: [v for p in parts for v in p.batch["columns"][name]] for name in parts[0].batch["columns"]}
     scores = RewardScores(
         scores={name: torch.cat([p.scores.scores[name] for p in parts]) for name in parts[0].scores.scores},
         total=torch.cat([p.scores.total for p in parts]),
         failures={name: sum(p.scores.failures[name] for p in parts) for name in parts[0].scores.failures},
     )
-    return SampledGroups(batch, concat_rollouts([p.rollout for p in parts], pad_token_id), [t for p in parts for t in p.texts], scores)
+    rollout = concat_rollouts([p.rollout for p in parts], pad_token_id)
+    return SampledGroups(batch, rollout, [t for p in parts for t in p.texts], scores)
 
 
 def select_groups(sampled: SampledGroups, groups: list[int], num_generations: int) -> SampledGroups:
@@ -88,7 +90,8 @@ def select_groups(sampled: SampledGroups, groups: list[int], num_generations: in
     rollout = Rollout(**{f.name: pick(getattr(sampled.rollout, f.name)) for f in fields(Rollout)})
     batch = {key: [values[g] for g in groups] for key, values in sampled.batch.items() if key != "columns"}
     batch["columns"] = {name: [values[g] for g in groups] for name, values in sampled.batch["columns"].items()}
-    scores = RewardScores({name: pick(v) for name, v in sampled.scores.scores.items()}, pick(sampled.scores.total), sampled.scores.failures)
+    picked = {name: pick(values) for name, values in sampled.scores.scores.items()}
+    scores = RewardScores(picked, pick(sampled.scores.total), sampled.scores.failures)
     return SampledGroups(batch, rollout, [sampled.texts[i] for i in rows], scores)
 
 

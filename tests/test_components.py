@@ -112,7 +112,8 @@ def test_top_entropy_quantile_removes_the_dropped_tokens_gradient():
     # the dropped tokens still count in the denominator (4).
     logprobs = torch.tensor([[-1.0, -1.0, -1.0, -1.0]], requires_grad=True)
     entropy = torch.tensor([[0.1, 0.5, 0.9, 0.3]])
-    loss, metrics = ClippedLoss(top_entropy_quantile=0.5)(logprobs, logprobs.detach(), torch.tensor([1.0]), torch.ones(1, 4), entropy=entropy)
+    loss_fn = ClippedLoss(top_entropy_quantile=0.5)
+    loss, metrics = loss_fn(logprobs, logprobs.detach(), torch.tensor([1.0]), torch.ones(1, 4), entropy=entropy)
     loss.backward()
     assert logprobs.grad.tolist() == [[0.0, -0.25, -0.25, 0.0]]
     assert loss.item() == pytest.approx(-0.5)  # -(1 + 1)/4
@@ -334,7 +335,8 @@ def rollout(prompt_len: int, completion_len: int, rows: int, first_id: int) -> R
     ids = torch.arange(first_id, first_id + rows)[:, None]  # row r's tokens are all first_id + r
     return Rollout(
         prompt_ids=ids.expand(rows, prompt_len).clone(), prompt_mask=torch.ones(rows, prompt_len, dtype=torch.long),
-        completion_ids=ids.expand(rows, completion_len).clone(), completion_mask=torch.ones(rows, completion_len, dtype=torch.long),
+        completion_ids=ids.expand(rows, completion_len).clone(),
+        completion_mask=torch.ones(rows, completion_len, dtype=torch.long),
         logprobs=-torch.ones(rows, completion_len), truncated=torch.zeros(rows, dtype=torch.bool),
     )
 
@@ -353,7 +355,9 @@ def sampled(rewards: list[float], first_index: int, prompt_len: int = 1, complet
 
 
 def _batch_std_worker(rank: int, world_size: int, init_file: str, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
     try:
         groups = torch.tensor(REWARDS, dtype=torch.float64).reshape(3, G)[rank::world_size]  # a sampler's interleaved share
         advantages, _ = BatchStd()(groups.reshape(-1), G)

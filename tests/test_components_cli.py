@@ -135,7 +135,10 @@ def test_user_components_from_yaml_through_the_cli(tmp_path):
     [
         (dict(policy_loss=CISPOLoss(epsilon_high=1.0)), ["train/clip_ratio"]),
         (dict(policy_loss=SAPOLoss()), ["train/gate_gradient_weight"]),
-        (dict(policy_loss=ClippedLoss(top_entropy_quantile=0.5, entropy_coef=0.01)), ["train/entropy_kept", "train/entropy_dropped"]),
+        (
+            dict(policy_loss=ClippedLoss(top_entropy_quantile=0.5, entropy_coef=0.01)),
+            ["train/entropy_kept", "train/entropy_dropped"],
+        ),
         (dict(kl_penalty=KLPenalty(beta=0.04, importance_weighted=True), beta=0.04), ["train/kl"]),  # tiny_grpo sets beta 0
     ],
     ids=["cispo", "sapo", "entropy", "kl_importance_weighted"],

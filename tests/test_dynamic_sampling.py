@@ -85,7 +85,8 @@ def test_refilled_run_resumes_exactly(tmp_path):
     # The draws depend only on (seed, rollout step, draw): a run stopped after step 1 and resumed from its
     # checkpoint draws, samples and trains exactly as the uninterrupted one.
     def make():
-        return tiny_grpo(rewards=[half_flat], dynamic_sampling=True, dynamic_sampling_max_draws=2, learning_rate=1e-3), prompt_data()
+        module = tiny_grpo(rewards=[half_flat], dynamic_sampling=True, dynamic_sampling_max_draws=2, learning_rate=1e-3)
+        return module, prompt_data()
 
     uninterrupted, a = _fit_with_interruptions(make, tmp_path / "a", 3, [])
     resumed, b = _fit_with_interruptions(make, tmp_path / "b", 3, [1])

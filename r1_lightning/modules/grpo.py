@@ -290,7 +290,9 @@ class GRPO(L.LightningModule):
         sampled, draws = self._sample(batch, self.rollout_step), 0
         if hp.dynamic_sampling and hp.dynamic_sampling_max_draws > 0:  # DAPO: draw more until B groups have reward spread
             draw = partial(self._draw, count=sampled.num_prompts)
-            sampled, draws = refill_informative_groups(sampled, draw, self._reward_total, G, hp.dynamic_sampling_max_draws, self.tokenizer.pad_token_id)
+            sampled, draws = refill_informative_groups(
+                sampled, draw, self._reward_total, G, hp.dynamic_sampling_max_draws, self.tokenizer.pad_token_id
+            )
         batch, rollout, texts, scores = sampled.batch, sampled.rollout, sampled.texts, sampled.scores
         rewards = self._reward_total(scores).to(self.device)  # [B*G]
 
@@ -376,7 +378,9 @@ class GRPO(L.LightningModule):
         """The ``draw``-th extra batch of ``count`` prompts of this step (DAPO), seeded by (seed, rollout step, draw)."""
         data = self.trainer.datamodule
         if not hasattr(data, "draw_prompts"):
-            raise ConfigError(f"dynamic_sampling_max_draws needs a data module with draw_prompts (PromptDataModule), not {type(data).__name__}")
+            raise ConfigError(
+                f"dynamic_sampling_max_draws needs a data module with draw_prompts (PromptDataModule), not {type(data).__name__}"
+            )
         generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + self.rollout_step * 1_009 + draw) % (2**63))
         batch = data.draw_prompts(count, generator, self.global_rank, self.trainer.world_size)
         return self._sample(batch, self.rollout_step + draw * 10_000_019)  # a stream of its own for each draw
@@ -475,8 +479,9 @@ class GRPO(L.LightningModule):
             "train/zero_std_frac": metrics["zero_std_frac"],
             "train/reward_std": metrics["reward_std"],
         }
-        optional = ("kl", "kept_frac", "dynamic_sampling_draws", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "gate_gradient_weight")
-        for name in optional + ("entropy_kept", "entropy_dropped", "entropy_kept_frac"):  # what the loss reports
+        # Reported by some options or losses only.
+        optional = ("kl", "kept_frac", "dynamic_sampling_draws", "clip_ratio", "clip_ratio_low", "clip_ratio_high")
+        for name in optional + ("gate_gradient_weight", "entropy_kept", "entropy_dropped", "entropy_kept_frac"):
             if name in metrics:
                 logged[f"train/{name}"] = metrics[name]
         for name in ("sampler_logprob_diff", "sampler_is_ratio_mean", "sampler_masked_frac"):

@@ -79,7 +79,8 @@ class RewardModel(Reward):
         )
         if model.config.num_labels != 1:
             raise ConfigError(
-                f"{option}={self.model_name_or_path!r}: a reward model has one output label, this one has {model.config.num_labels}"
+                f"{option}={self.model_name_or_path!r}: a reward model has one output label, "
+                f"this one has {model.config.num_labels}"
             )
         if model.config.pad_token_id is None:  # needed to find each padded row's last token
             model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -107,7 +108,8 @@ class RewardModel(Reward):
         scores: list[float | None] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
-                texts[start:start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=not self.tokenizer.chat_template,
+                texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                add_special_tokens=not self.tokenizer.chat_template,  # a chat template already holds its BOS
                 truncation=self.max_length is not None, max_length=self.max_length,
             ).to(device)
             logits = self.model(**batch).logits  # [b, 1]

@@ -122,7 +122,7 @@ def micro_batch_normalizers(
     _check_aggregation(aggregation)
     mask = completion_mask.bool()
     if aggregation == "bnpo":
-        return [torch.as_tensor(len(micro_batches) * mask[rows].sum().clamp(min=1), dtype=torch.float32) for rows in micro_batches]
+        return [(len(micro_batches) * mask[rows].sum().clamp(min=1)).float() for rows in micro_batches]
     mini = torch.cat([mask[rows] for rows in micro_batches])
     count = torch.as_tensor(loss_normalizer(mini, aggregation, max_completion_length), dtype=torch.float32, device=mask.device)
     if world_size() > 1:
@@ -287,7 +287,9 @@ class PolicyLoss:
         """
         raise NotImplementedError
 
-    def normalizers(self, completion_mask: Tensor, micro_batches: list[slice], max_completion_length: int | None = None) -> list[Tensor]:
+    def normalizers(
+        self, completion_mask: Tensor, micro_batches: list[slice], max_completion_length: int | None = None
+    ) -> list[Tensor]:
         """One loss denominator per micro-batch of a mini-batch (see `micro_batch_normalizers`)."""
         return micro_batch_normalizers(completion_mask, micro_batches, self.aggregation, max_completion_length)
 
