@@ -257,7 +257,7 @@ def run_ours(args) -> None:
     )
     trainer.fit(module, datamodule=data)
     summary = _step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup, timer.cpu_times)
-    from r1_lightning.rl.compiled_forward import ran_compiled
+    from r1_lightning.engines.compiled_forward import ran_compiled
 
     result = {"system": "ours", **summary, **memory.stop(), "compiled": ran_compiled()}
     if args.device == "cuda":
@@ -342,7 +342,8 @@ def run_generation(args) -> None:
     from transformers import GenerationConfig
 
     from r1_lightning.policy import encode_prompt, load_model, load_tokenizer, render_prompt
-    from r1_lightning.rl.rollout import HFGenerateEngine, SamplingParams, left_pad
+    from r1_lightning.engines.base import SamplingParams, left_pad
+    from r1_lightning.engines.hf import HFGenerateEngine
 
     work = Path(args.workdir)
     tokenizer = load_tokenizer(str(work / "model"))

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from r1_lightning.engines import RolloutEngine, SamplingParams
 from r1_lightning.rewards import Accuracy, FailedScore, LenientFormat
 from r1_lightning.rewards.parsing import extract_answer, extract_reasoning, restore_think_prefill
-from r1_lightning.rl.rollout import RolloutEngine, SamplingParams
 
 
 @dataclass

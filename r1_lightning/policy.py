@@ -259,7 +259,7 @@ def token_logprobs(
             completions of a prompt): each distinct prompt then runs once, and the rest of the rows
             in length buckets that skip the padding after the last target (``shared_prefix_hidden``).
         compile: Run those passes through ``torch.compile``d decoder layers where the model allows
-            (``r1_lightning.rl.compiled_forward``); otherwise, and without ``prompt_length``, the model's forward.
+            (``r1_lightning.engines.compiled_forward``); otherwise, and without ``prompt_length``, the model's forward.
 
     Returns:
         ``(logprobs, entropy)``: [B, T] float32, zero where ``target_mask`` is False; ``entropy``
@@ -277,8 +277,8 @@ def token_logprobs(
 def _token_logprobs(
     model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from r1_lightning.rl.compiled_forward import compiled_layers
-    from r1_lightning.rl.logprobs import chunked_token_logprobs, shared_prefix_hidden
+    from r1_lightning.engines.compiled_forward import compiled_layers
+    from r1_lightning.engines.logprobs import chunked_token_logprobs, shared_prefix_hidden
 
     backbone, head = backbone_and_head(model)
     hidden = None

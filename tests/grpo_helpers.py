@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from r1_lightning import GRPO, PromptDataModule
 from r1_lightning.rewards import Reward
-from r1_lightning.rl.rollout import HFGenerateEngine
+from r1_lightning.engines import HFGenerateEngine
 
 # The tiny model gains nothing from intra-op threads; on a shared 2-core machine they make a step
 # many times slower (tests/conftest.py does the same for the whole session).

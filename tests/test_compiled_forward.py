@@ -1,4 +1,4 @@
-"""The compiled training forward (`r1_lightning.rl.compiled_forward`) against the Hugging Face forward.
+"""The compiled training forward (`r1_lightning.engines.compiled_forward`) against the Hugging Face forward.
 
 The layer functions run eagerly (`compile=False`) must give the Hugging Face path's hidden states and
 gradients bit for bit on GRPO-shaped rows (left-padded prompts, ragged completions, one empty) for
@@ -14,8 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from r1_lightning.policy import LoraSettings, apply_lora, build_builtin_model, token_logprobs
-from r1_lightning.rl import compiled_forward
-from r1_lightning.rl.logprobs import shared_prefix_hidden
+from r1_lightning.engines import compiled_forward
+from r1_lightning.engines.logprobs import shared_prefix_hidden
 
 VOCAB = 96
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)

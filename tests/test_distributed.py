@@ -237,7 +237,7 @@ def test_per_prompt_generators_make_a_prompts_samples_independent_of_its_batch()
     batch position, as on another rank) gets the same completions: the seed follows the prompt."""
     from test_rollout import PROMPTS, params, seeded, tiny_model
 
-    from r1_lightning.rl.rollout import HFGenerateEngine
+    from r1_lightning.engines import HFGenerateEngine
 
     model, engine, G = tiny_model(), HFGenerateEngine(), 3
     together = engine.generate(model, PROMPTS, G, params(top_k=20), [seeded(10 + i) for i in range(len(PROMPTS))])
@@ -257,7 +257,7 @@ def test_per_prompt_generators_make_a_prompts_samples_independent_of_its_batch()
 def test_a_generator_list_must_match_the_prompts():
     from test_rollout import PROMPTS, params, seeded, tiny_model
 
-    from r1_lightning.rl.rollout import HFGenerateEngine
+    from r1_lightning.engines import HFGenerateEngine
 
     with pytest.raises(ValueError, match="2 generators for 3 prompts"):
         HFGenerateEngine().generate(tiny_model(), PROMPTS, 2, params(), [seeded(0), seeded(1)])

@@ -1,4 +1,4 @@
-"""The fast decode step (`r1_lightning.rl.fast_decode`) against the Hugging Face forward it replaces.
+"""The fast decode step (`r1_lightning.engines.fast_decode`) against the Hugging Face forward it replaces.
 
 Equivalence: whole `HFGenerateEngine.generate` calls with the fast step and with the Hugging Face
 forward (the fallback, forced by patching `fast_decode_step` to return None) sample the same tokens
@@ -13,8 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from r1_lightning.policy import LoraSettings, apply_lora, load_model
-from r1_lightning.rl import fast_decode, rollout
-from r1_lightning.rl.rollout import HFGenerateEngine, SamplingParams
+from r1_lightning.engines import HFGenerateEngine, SamplingParams, fast_decode, hf, kv_cache
 
 VOCAB = 96
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [12], [3, 3, 60, 8]]  # lengths 7, 1, 4: left padding of 0, 6, 3
@@ -55,7 +54,7 @@ def _generate(model, G: int, fast: bool, monkeypatch, temperature: float = 1.0, 
         used.append(step is not None)
         return step
 
-    monkeypatch.setattr(rollout, "fast_decode_step", spy)
+    monkeypatch.setattr(hf, "fast_decode_step", spy)
     # Two EOS ids that the random models emit now and then: rows stop at different steps.
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=[4, 11], pad_token_id=0)
     out = HFGenerateEngine().generate(model, PROMPTS, G, params, torch.Generator().manual_seed(7))
@@ -107,11 +106,11 @@ def test_weights_changed_by_an_optimizer_step_are_seen(monkeypatch):
 
 def _reason(model) -> str | None:
     """What `fast_decode_step` says about `model` at the point where `_decode` asks."""
-    prompts, mask = rollout.left_pad(PROMPTS, 0)
+    prompts, mask = hf.left_pad(PROMPTS, 0)
     with torch.inference_mode():
         out = model(input_ids=prompts, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    rollout._preallocate(out.past_key_values, prompts.shape[1] + 8)
-    return fast_decode.unsupported_reason(model, out.past_key_values, rollout._decode_mask(model, mask))
+    kv_cache.preallocate(out.past_key_values, prompts.shape[1] + 8)
+    return fast_decode.unsupported_reason(model, out.past_key_values, hf._decode_mask(model, mask))
 
 
 def _hooked() -> torch.nn.Module:

@@ -8,8 +8,8 @@ import os
 import torch
 
 from r1_lightning.policy import load_model
-from r1_lightning.rl import logprobs
-from r1_lightning.rl.rollout import build_model_inputs, left_pad
+from r1_lightning.engines import logprobs
+from r1_lightning.engines.base import build_model_inputs, left_pad
 
 
 def _inputs():

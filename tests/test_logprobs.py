@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from r1_lightning.rl.logprobs import chunked_token_logprobs, length_buckets, selective_log_softmax
+from r1_lightning.engines.logprobs import chunked_token_logprobs, length_buckets, selective_log_softmax
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -174,7 +174,7 @@ def test_length_buckets_hand_cases():
 
 def _grpo_rows(vocab: int, prompts: list[list[int]], lengths: list[int], width: int, pad: int = 0):
     """Left-padded prompts (each repeated for its completions) + right-padded completions, as GRPO builds them."""
-    from r1_lightning.rl.rollout import build_model_inputs, left_pad
+    from r1_lightning.engines.base import build_model_inputs, left_pad
 
     gen = torch.Generator().manual_seed(3)
     G = len(lengths) // len(prompts)
@@ -192,7 +192,7 @@ def test_shared_prompt_and_length_buckets_match_whole_rows(lengths):
     # Each distinct prompt runs once and the completions run in length buckets: log-probs, entropies
     # and every parameter gradient equal those of one forward over the whole padded rows.
     from r1_lightning.policy import build_builtin_model, token_logprobs
-    from r1_lightning.rl import logprobs as logprobs_module
+    from r1_lightning.engines import logprobs as logprobs_module
 
     model = build_builtin_model("builtin:tiny-small", vocab_size=40, seed=0)
     inputs, target_mask, P = _grpo_rows(40, [[5, 6, 7, 8], [9, 10], [11, 12, 13]], lengths, width=7)

@@ -1,4 +1,4 @@
-"""Tests for the rollout engine (`r1_lightning.rl.rollout`) on a tiny random Qwen2."""
+"""Tests for the rollout engine (`r1_lightning.engines.hf`) on a tiny random Qwen2."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
 
-from r1_lightning.rl.rollout import (
+from r1_lightning.engines.hf import (
     HFGenerateEngine,
     Rollout,
     RolloutEngine,
@@ -231,7 +231,9 @@ def test_train_mode_restored_and_gradient_checkpointing_tolerated():
     expected = HFGenerateEngine().generate(model, PROMPTS, 2, greedy)
     assert not model.training
 
-    model.activation_checkpointing_enable()  # `gradient_checkpointing_enable` before v5.x
+    # `activation_checkpointing_enable` in newer transformers, `gradient_checkpointing_enable` up to 5.19.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     model.config.use_cache = False  # as training setups with checkpointing do
     model.train()
     calls = []

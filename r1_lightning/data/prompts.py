@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -146,6 +147,21 @@ class PromptDataModule(L.LightningDataModule):
         train = self.examples.get("train")
         count = None if train is None else len(train)  # None: not loaded yet
         self._position.load_state_dict(state_dict, self.trainer, count, f"path={self.hparams.path!r}")
+
+    def draw_prompts(self, count: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        """A batch of `count` training prompts drawn at random (DAPO dynamic sampling's extra draws).
+
+        Every rank passes an identically seeded `generator`; `world_size × count` distinct prompts are
+        drawn (with repeats only when the set is smaller) and rank `rank` gets its share, so ranks draw
+        different prompts and a run with the same seeds draws the same ones (resumes included).
+
+        Returns:
+            A batch in `collate_prompts`' layout.
+        """
+        train = self.examples["train"]
+        total = count * world_size
+        order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(-(-total // len(train)))])
+        return collate_prompts([train[i] for i in order[rank * count:(rank + 1) * count].tolist()])
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.hparams.val_batch_size or self.hparams.batch_size, False) if self.examples.get("val") else []

@@ -22,6 +22,8 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from r1_lightning.engines import HFGenerateEngine, RolloutEngine, SamplingParams
+from r1_lightning.engines.logprobs import chunked_token_logprobs
 from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score
 from r1_lightning.export import export_hf_model
@@ -39,8 +41,6 @@ from r1_lightning.rl.divergences import (
     distillation_loss,
     resolve_divergence,
 )
-from r1_lightning.rl.logprobs import chunked_token_logprobs
-from r1_lightning.rl.rollout import HFGenerateEngine, RolloutEngine, SamplingParams
 
 ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
 
@@ -86,7 +86,8 @@ class Distillation(L.LightningModule):
         eval_max_new_tokens: Token budget of generated answers in validation.
         eval_num_samples: Completions per validation prompt (k of ``val/maj@k``).
         eval_temperature: Sampling temperature in validation (0 = greedy).
-        rollout_engine: How completions are sampled (default: ``HFGenerateEngine``).
+        rollout_engine: How the student's completions are sampled (on-policy rows, validation):
+            ``HFGenerateEngine`` (default) or ``VLLMEngine`` (``class_path``, or an instance from Python).
         export_hf: Write ``<log dir>/hf_model/`` (the student) when fit ends.
         seed: Seed of sampling and of a built-in student's initial weights.
         fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype weights are gathered and
@@ -160,6 +161,35 @@ class Distillation(L.LightningModule):
         self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)
         self.teacher = shard_for_strategy(self, self.teacher, hp.fsdp_param_dtype)
 
+    @override
+    def setup(self, stage: str) -> None:
+        # Before any model loads: an engine whose length budget cannot hold a prompt and a sampled completion.
+        hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", None)
+        longest = getattr(hparams, "max_prompt_length", None) or getattr(hparams, "max_length", None)
+        if longest is not None:
+            self.engine.check_lengths(longest, max(self.hparams.max_new_tokens, self.hparams.eval_max_new_tokens))
+
+    # The rollout engine starts once the model is built and sharded, follows every optimizer step, stops with the stage.
+    @override
+    def on_fit_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_test_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.engine.mark_stale()  # the weights may have stepped: an engine with its own copy pushes them before sampling
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self.engine.teardown()
+
     # -------------------------------------------------------------------------------- training
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -192,6 +222,11 @@ class Distillation(L.LightningModule):
         hp, generators = self.hparams, self._generators(batch, batch_idx)
         params = self._sampling_params(hp.max_new_tokens, hp.generation_temperature)
         if "input_ids" not in batch:  # prompts only: sequence-level KD samples the teacher, on-policy KD the student
+            if self.sft and not self.engine.samples_from_policy:
+                raise ConfigError(
+                    "loss: sft on prompt-only data samples the frozen teacher, and rollout_engine follows the student: use "
+                    "HFGenerateEngine, or write the teacher's samples once with `r1-lightning predict` and train on them"
+                )
             return [self._sample_rows(self.teacher if self.sft else self.model, batch["prompt_ids"], params, generators)], 1.0
         if hp.on_policy_fraction == 0:
             return [{k: batch[k] for k in ROW_KEYS}], 0.0

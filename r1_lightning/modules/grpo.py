@@ -4,12 +4,15 @@ DeepSeekMath (https://arxiv.org/abs/2402.03300) introduced GRPO; DeepSeek-R1
 (https://arxiv.org/abs/2501.12948) trains reasoning with it. For each prompt q, sample G
 completions, score them with the rewards, take A_i = (r_i - mean r) / std r for every token of
 o_i, and maximise mean_tokens min(ρA, clip(ρ, 1-ε, 1+ε)A) - β·KL(π_θ‖π_ref) with the k3 estimator.
-Variants (Dr. GRPO, DAPO, GSPO, RLOO) are selected by name; see ``r1_lightning.rl``.
+Variants (Dr. GRPO, DAPO, GSPO, RLOO, CISPO, SAPO, ...) are components chosen by ``class_path``
+(advantage estimator, policy loss, KL penalty; the old strings stay aliases); see ``r1_lightning.rl``.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,22 +21,25 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from r1_lightning.dynamic_sampling import SampledGroups, refill_informative_groups
+from r1_lightning.engines import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
+from r1_lightning.engines import compiled_forward
 from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score, raw_completions, scored_texts
 from r1_lightning.export import export_hf_model
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
 from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, total_training_steps
-from r1_lightning.parallel import check_backward_passes, clip_grad_norm, global_normalizer, shard_for_strategy
+from r1_lightning.parallel import check_backward_passes, clip_grad_norm, shard_for_strategy
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.resume import load_resume_state, save_rng_states
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
-from r1_lightning.rl import compiled_forward
-from r1_lightning.rl.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_mask, group_advantages
-from r1_lightning.rl.kl import KLEstimator, kl_reward_penalty, resolve_kl_estimator
-from r1_lightning.rl.losses import AGGREGATIONS, loss_normalizer, policy_loss
+from r1_lightning.rl.advantages import AdvantageEstimator, dynamic_sampling_mask, resolve_advantage_estimator
+from r1_lightning.rl.groups import per_completion, repeat_per_completion
+from r1_lightning.rl.kl import KLEstimator, KLPenalty
+from r1_lightning.rl.losses import AGGREGATIONS, ClippedLoss, PolicyLoss
 from r1_lightning.rl.masked import masked_mean
-from r1_lightning.rl.rollout import HFGenerateEngine, Rollout, RolloutEngine, SamplingParams
+from r1_lightning.rl.sampler_correction import CorrectionLevel, CorrectionMode, sampler_weights
 
 
 # Sampling streams of `_prompt_generators` besides training's rollout steps (which count up from 0).
@@ -88,12 +94,26 @@ class GRPO(L.LightningModule):
         micro_batch_size: Completions per forward/backward (gradient accumulation within a
             mini-batch; default ``mini_batch_size``).
         advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``
-            or ``rloo`` (leave-one-out).
-        loss_aggregation: ``grpo`` (sequence mean), ``bnpo``/``dapo`` (token mean) or
-            ``dr_grpo`` (constant normaliser).
+            (group mean, std of the global batch) or ``rloo`` (leave-one-out), or an
+            ``r1_lightning.rl.advantages.AdvantageEstimator`` (``class_path``).
+        loss_aggregation: ``grpo`` (sequence mean), ``dapo`` (token mean of the mini-batch), ``bnpo``
+            (mean of the micro-batches' token means) or ``dr_grpo`` (constant normaliser).
         importance_level: ``token`` ratios, or ``sequence`` (GSPO).
+        policy_loss: A ``r1_lightning.rl.losses.PolicyLoss`` (``class_path``: ``ClippedLoss``,
+            ``CISPOLoss``, ``SAPOLoss`` or your own; entropy options there). Default: ``ClippedLoss``
+            from ``epsilon``, ``epsilon_high``, ``importance_level`` and ``loss_aggregation``, which
+            must then be left at their defaults.
+        kl_penalty: A ``r1_lightning.rl.kl.KLPenalty`` (``class_path``; e.g. ``importance_weighted``).
+            Default: one from ``beta``, ``kl_estimator`` and ``kl_placement``, which must then be left
+            at their defaults.
+        normalize_each_reward: Normalise each reward within its group (mean 0, std 1) before the
+            weighted sum (GDPO-style multi-reward training), so no reward's scale drowns the others.
         mask_truncated: Exclude completions that hit ``max_new_tokens`` from the loss (DAPO).
-        dynamic_sampling: Drop groups whose rewards are all equal from the loss (DAPO; no refill).
+        dynamic_sampling: Drop groups whose rewards are all equal from the loss (DAPO).
+        dynamic_sampling_max_draws: With ``dynamic_sampling``: draw up to this many extra batches of
+            prompts per step until each rank holds B groups with reward spread (DAPO's over-sampling;
+            ``train/dynamic_sampling_draws``; needs ``PromptDataModule``); 0: only drop, no refill.
+            See ``r1_lightning.dynamic_sampling``.
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up optimizer steps.
@@ -112,14 +132,21 @@ class GRPO(L.LightningModule):
         eval_temperature: Validation sampling temperature (0 = greedy, then use k = 1).
         eval_max_new_tokens: Validation token budget (default ``max_new_tokens``).
         answer_column: Column with the reference answer that validation scores against.
-        rollout_engine: How completions are sampled (default: ``HFGenerateEngine``).
+        rollout_engine: How completions are sampled, in training, validation and predict:
+            ``HFGenerateEngine`` (default, the policy itself) or ``VLLMEngine`` (``class_path``, or an
+            instance from Python).
+        sampler_correction: For an engine that is not the policy itself (vLLM): weight each term by
+            π_old / π_sampler, ``tis`` (truncated at the threshold), ``mis`` (terms above it dropped) or
+            ``none`` (mismatch only logged). See ``r1_lightning.rl.sampler_correction``.
+        sampler_correction_level: ``token`` or ``sequence`` importance ratios.
+        sampler_correction_threshold: C, the largest importance weight kept.
         export_hf: Write ``<log dir>/hf_model/`` when fit ends.
         seed: Seed of sampling (per prompt and step) and of a built-in model's initial weights.
         fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype weights are gathered and
             computed in (e.g. ``bfloat16`` over ``dtype: float32`` weights and optimizer state); None:
             the weights' dtype. The reference model is sharded the same way. See ``r1_lightning.parallel``.
         compile: Run the policy's and reference's training forwards through ``torch.compile``d
-            decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.rl.compiled_forward``): on the
+            decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.engines.compiled_forward``): on the
             benchmark's tiny model 10-20% less time per step, after a one-time compile in the first
             step (~20 s with inductor's on-disk cache warm, 1-2 min cold), so it pays over a few hundred
             steps. Needs a C++ compiler; where it does not apply or fails, a warning and the eager forward.
@@ -146,11 +173,15 @@ class GRPO(L.LightningModule):
         num_iterations: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
-        advantage_estimator: str = "grpo",
+        advantage_estimator: AdvantageEstimator | str = "grpo",
         loss_aggregation: str = "grpo",
         importance_level: Literal["token", "sequence"] = "token",
+        policy_loss: PolicyLoss | None = None,
+        kl_penalty: KLPenalty | None = None,
+        normalize_each_reward: bool = False,
         mask_truncated: bool = False,
         dynamic_sampling: bool = False,
+        dynamic_sampling_max_draws: int = 0,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -167,22 +198,37 @@ class GRPO(L.LightningModule):
         eval_max_new_tokens: int | None = None,
         answer_column: str = "answer",
         rollout_engine: RolloutEngine | None = None,
+        sampler_correction: CorrectionMode = "tis",
+        sampler_correction_level: CorrectionLevel = "token",
+        sampler_correction_threshold: float = 2.0,
         export_hf: bool = True,
         seed: int = 0,
         fsdp_param_dtype: str | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["rewards", "kl_estimator", "rollout_engine"])
-        _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level)
+        objects = ["rewards", "kl_estimator", "rollout_engine", "policy_loss", "kl_penalty"]
+        self.save_hyperparameters(ignore=objects + ([] if isinstance(advantage_estimator, str) else ["advantage_estimator"]))
+        _check_options(num_generations, beta, kl_placement, num_iterations, loss_aggregation, importance_level)
+        self.advantage_estimator = resolve_advantage_estimator(advantage_estimator)
+        self.policy_loss = policy_loss or ClippedLoss(epsilon, epsilon_high, importance_level, loss_aggregation)
+        self.kl_penalty = kl_penalty or KLPenalty(kl_estimator, beta, kl_placement)
+        if dynamic_sampling_max_draws < 0:
+            raise ConfigError(f"dynamic_sampling_max_draws={dynamic_sampling_max_draws}: must be >= 0")
+        _check_component_options(
+            dict(policy_loss=policy_loss, kl_penalty=kl_penalty),
+            dict(epsilon=epsilon, epsilon_high=epsilon_high, importance_level=importance_level, loss_aggregation=loss_aggregation,
+                 beta=beta, kl_estimator=kl_estimator, kl_placement=kl_placement),
+        )
         _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
         _check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
+        if sampler_correction_threshold <= 0:
+            raise ConfigError(f"sampler_correction_threshold={sampler_correction_threshold}: must be > 0")
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         rewards = rewards if rewards is not None else [Accuracy(), LenientFormat()]  # `[]` is refused, not replaced
         self.reward_set = RewardSet(rewards, reward_weights, reward_on_error, reward_timeout, reward_max_failure_frac)
-        self.kl_estimator = resolve_kl_estimator(kl_estimator)
         self.engine = rollout_engine or HFGenerateEngine()
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
@@ -206,13 +252,42 @@ class GRPO(L.LightningModule):
         hp = self.hparams
         kwargs = dict(vocab_size=len(self.tokenizer), dtype=hp.dtype, trust_remote_code=hp.trust_remote_code, seed=hp.seed)
         self.model = load_model(hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **kwargs).train()
-        if hp.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
+        if self.kl_penalty.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
             self.ref_model = load_model(hp.model_name_or_path, **kwargs).eval().requires_grad_(False)
         # FSDP2 only (DDP and FSDP wrap the module themselves): policy and reference sharded alike.
         self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)
         self.ref_model = shard_for_strategy(self, self.ref_model, hp.fsdp_param_dtype)
         if hp.compile and (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
             rank_zero_warn(f"GRPO(compile=True): the training forwards stay eager: {reason}")
+
+    @override
+    def setup(self, stage: str) -> None:
+        # Before any model loads: an engine whose length budget cannot hold a prompt and its completion.
+        longest = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "max_prompt_length", None)
+        if longest is not None:
+            hp = self.hparams
+            self.engine.check_lengths(longest, max(hp.max_new_tokens, hp.eval_max_new_tokens or 0))
+
+    # The engine starts once the policy is built and sharded, and stops with the stage.
+    @override
+    def on_fit_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_test_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_predict_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self.engine.teardown()
 
     def reference_context(self):
         """Context in which ``reference_model`` computes reference log-probs."""
@@ -226,34 +301,41 @@ class GRPO(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         hp, G = self.hparams, self.hparams.num_generations
-        generators = self._prompt_generators(batch, self.rollout_step) or self._generator()
-        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
-        texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
-        scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
-        rewards = scores.total.to(self.device)  # [B*G]
+        sync_seconds = self.engine.sync_weights(self.model)  # the weights of the last optimizer step
+        sampled, draws = self._sample(batch, self.rollout_step), 0
+        if hp.dynamic_sampling and hp.dynamic_sampling_max_draws > 0:  # DAPO: draw more until B groups have reward spread
+            draw = partial(self._draw, count=sampled.num_prompts)
+            sampled, draws = refill_informative_groups(
+                sampled, draw, self._reward_total, G, hp.dynamic_sampling_max_draws, self.tokenizer.pad_token_id
+            )
+        batch, rollout, texts, scores = sampled.batch, sampled.rollout, sampled.texts, sampled.scores
+        rewards = self._reward_total(scores).to(self.device)  # [B*G]
 
         inputs, target_mask, P = _training_inputs(rollout)
         completion_mask = rollout.completion_mask.bool()  # [B*G, T]
-        ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if hp.beta > 0 else None
+        ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if self.kl_penalty.beta > 0 else None
         metrics: dict[str, torch.Tensor] = {}
-        if ref_logprobs is not None and hp.kl_placement == "reward":
-            penalty, kl_metrics = kl_reward_penalty(rollout.logprobs, ref_logprobs, completion_mask, self.kl_estimator, hp.beta)
+        if ref_logprobs is not None and self.kl_penalty.placement == "reward":
+            penalty, kl_metrics = self.kl_penalty.reward_penalty(rollout.logprobs, ref_logprobs, completion_mask)
             rewards, metrics = rewards - penalty, {**metrics, **kl_metrics}
-        advantages, adv_metrics = group_advantages(rewards, G, hp.advantage_estimator)
+        advantages, adv_metrics = self.advantage_estimator(rewards, G)
         loss_mask = completion_mask & ~rollout.truncated[:, None] if hp.mask_truncated else completion_mask
         if hp.dynamic_sampling:
             keep, keep_metrics = dynamic_sampling_mask(rewards, G)
-            loss_mask, metrics = loss_mask & keep.repeat_interleave(G)[:, None], {**metrics, **keep_metrics}
+            loss_mask, metrics = loss_mask & per_completion(keep, G)[:, None], {**metrics, **keep_metrics}
+            metrics["dynamic_sampling_draws"] = torch.tensor(float(draws))
         old_logprobs = self._old_logprobs(inputs, target_mask, P) if hp.num_iterations > 1 else None
 
         for _ in range(hp.num_iterations):
-            update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs)
+            update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs)
         self.rollout_step += 1
+        if sync_seconds is not None:
+            metrics["weight_sync_s"] = torch.tensor(sync_seconds)
         self._log_step(rollout, scores, rewards, {**metrics, **adv_metrics, **update_metrics})
         record = RolloutBatch(rollout, texts, rewards.detach(), scores.scores, advantages, G)
         return {"loss": update_metrics["loss"], "rollout": record}
 
-    def _update(self, inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs) -> dict[str, torch.Tensor]:
+    def _update(self, inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, sampler_logprobs) -> dict[str, torch.Tensor]:
         """One pass over the rollouts in mini-batches (one optimizer step each) of micro-batches."""
         hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
         rows = advantages.shape[0]
@@ -262,38 +344,81 @@ class GRPO(L.LightningModule):
         check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows, mini):
-            mini_rows = slice(start, min(start + mini, rows))
-            # One normaliser for the whole mini-batch, so micro-batch gradients add up to its gradient,
-            # counted over all ranks' mini-batches, so N ranks step as one process on the global batch.
-            normalizer = global_normalizer(loss_normalizer(loss_mask[mini_rows], hp.loss_aggregation, hp.max_new_tokens))
-            for micro_start in range(mini_rows.start, mini_rows.stop, micro):
-                r = slice(micro_start, min(micro_start + micro, mini_rows.stop))
+            stop = min(start + mini, rows)
+            micro_batches = [slice(s, min(s + micro, stop)) for s in range(start, stop, micro)]
+            # Denominators that make the micro-batch gradients add up to the mini-batch's (over all ranks
+            # where the aggregation is global, so N ranks step as one process on the global batch).
+            normalizers = self.policy_loss.normalizers(loss_mask, micro_batches, hp.max_new_tokens)
+            for r, normalizer in zip(micro_batches, normalizers):
                 logprobs, entropy = self._policy_logprobs({k: v[r] for k, v in inputs.items()}, target_mask[r], P)
-                kl = None if ref_logprobs is None or hp.kl_placement != "loss" else self.kl_estimator(logprobs, ref_logprobs[r])
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[r]
-                loss, metrics = policy_loss(
-                    logprobs, old, advantages[r], loss_mask[r], epsilon_low=hp.epsilon, epsilon_high=hp.epsilon_high,
-                    kl=kl, beta=hp.beta if kl is not None else 0.0, aggregation=hp.loss_aggregation, ratio_level=hp.importance_level,
+                penalty, kl_metrics = None, {}
+                if ref_logprobs is not None and self.kl_penalty.placement == "loss":
+                    penalty, kl_metrics = self.kl_penalty.loss_term(logprobs, old, ref_logprobs[r], loss_mask[r])
+                weights, sampler_metrics = self._sampler_weights(old, sampler_logprobs[r], loss_mask[r])
+                loss, metrics = self.policy_loss(
+                    logprobs, old, advantages[r], loss_mask[r], penalty=penalty, entropy=entropy, token_weights=weights,
                     normalizer=normalizer, max_completion_length=hp.max_new_tokens,
                 )
+                metrics.update(kl_metrics)
+                metrics.update(sampler_metrics)
                 self.manual_backward(loss)
                 self.guard.record_loss(loss)
                 weight = (r.stop - r.start) / rows
                 metrics = {**metrics, "loss": loss.detach(), "entropy": masked_mean(entropy, loss_mask[r])}
                 for name, value in metrics.items():
+                    if name == "sampler_is_ratio_max":
+                        totals[name] = torch.maximum(totals.get(name, value), value)
+                        continue
                     totals[name] = totals.get(name, 0.0) + value.detach() * (1.0 if name in ("loss", "policy_loss") else weight)
             if hp.max_grad_norm > 0:
                 clip_grad_norm(self, optimizer, hp.max_grad_norm)  # FSDP1 needs its root's own clipping
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            self.engine.mark_stale()  # an engine with its own copy of the weights pushes them before the next rollout
         num_minibatches = -(-rows // mini)
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
+
+    def _sample(self, batch: dict[str, Any], stream: int) -> SampledGroups:
+        """G completions for each prompt of ``batch``, and their rewards."""
+        G = self.hparams.num_generations
+        generators = self._prompt_generators(batch, stream) or self._generator()
+        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
+        texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
+        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
+        return SampledGroups(batch, rollout, texts, scores)
+
+    def _draw(self, draw: int, count: int) -> SampledGroups:
+        """The ``draw``-th extra batch of ``count`` prompts of this step (DAPO), seeded by (seed, rollout step, draw)."""
+        data = self.trainer.datamodule
+        if not hasattr(data, "draw_prompts"):
+            raise ConfigError(
+                f"dynamic_sampling_max_draws needs a data module with draw_prompts (PromptDataModule), not {type(data).__name__}"
+            )
+        generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + self.rollout_step * 1_009 + draw) % (2**63))
+        batch = data.draw_prompts(count, generator, self.global_rank, self.trainer.world_size)
+        return self._sample(batch, self.rollout_step + draw * 10_000_019)  # a stream of its own for each draw
+
+    def _reward_total(self, scores) -> torch.Tensor:
+        """The reward advantages start from: the weighted total, of each reward normalised in its group if asked."""
+        G = self.hparams.num_generations
+        return self.reward_set.group_normalized_total(scores, G) if self.hparams.normalize_each_reward else scores.total
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called inside `optimizer.step()`: no-signal and (with nonfinite: skip) NaN steps drop their gradients.
         self.guard.before_optimizer_step(self, optimizer)
+
+    def _sampler_weights(self, old_logprobs, sampler_logprobs, loss_mask) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Importance weights π_old / π_sampler when the engine is not the policy itself; (None, {}) when it is."""
+        hp = self.hparams
+        if self.engine.samples_from_policy:
+            return None, {}
+        weights, metrics = sampler_weights(
+            old_logprobs, sampler_logprobs, loss_mask, hp.sampler_correction, hp.sampler_correction_level, hp.sampler_correction_threshold
+        )
+        return (None if hp.sampler_correction == "none" else weights), metrics
 
     def _prompt_texts(self, batch: dict[str, Any]) -> list[str]:
         """Rendered prompts: ``PromptDataModule`` sends them; another data module's ids are decoded."""
@@ -366,16 +491,19 @@ class GRPO(L.LightningModule):
             "train/loss": metrics["loss"],
             "train/policy_loss": metrics["policy_loss"],
             "train/entropy": metrics["entropy"],
-            "train/clip_ratio": metrics["clip_ratio"],
-            "train/clip_ratio_low": metrics["clip_ratio_low"],
-            "train/clip_ratio_high": metrics["clip_ratio_high"],
             "train/zero_std_frac": metrics["zero_std_frac"],
             "train/reward_std": metrics["reward_std"],
         }
-        if "kl" in metrics:
-            logged["train/kl"] = metrics["kl"]
-        if "kept_frac" in metrics:
-            logged["train/kept_frac"] = metrics["kept_frac"]
+        # Reported by some options or losses only.
+        optional = ("kl", "kept_frac", "dynamic_sampling_draws", "clip_ratio", "clip_ratio_low", "clip_ratio_high")
+        for name in optional + ("gate_gradient_weight", "entropy_kept", "entropy_dropped", "entropy_kept_frac"):
+            if name in metrics:
+                logged[f"train/{name}"] = metrics[name]
+        for name in ("sampler_logprob_diff", "sampler_is_ratio_mean", "sampler_masked_frac"):
+            if name in metrics:
+                logged[f"train/{name}"] = metrics[name]
+        if "weight_sync_s" in metrics:
+            logged["perf/weight_sync_s"] = metrics["weight_sync_s"]
         for name, values in scores.scores.items():
             logged[f"train/rewards/{name}"] = torch.nanmean(values)
         for name, count in scores.failures.items():
@@ -384,6 +512,9 @@ class GRPO(L.LightningModule):
         logged = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in logged.items()}
         self.log("train/reward", logged.pop("train/reward"), prog_bar=True, sync_dist=True, batch_size=rewards.shape[0])
         self.log_dict(logged, sync_dist=True, batch_size=rewards.shape[0])
+        if "sampler_is_ratio_max" in metrics:
+            ratio_max = torch.as_tensor(metrics["sampler_is_ratio_max"], dtype=torch.float32, device=self.device)
+            self.log("train/sampler_is_ratio_max", ratio_max, sync_dist=True, reduce_fx="max", batch_size=rewards.shape[0])
         self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
 
     # ------------------------------------------------------------------------------ evaluation
@@ -423,7 +554,7 @@ class GRPO(L.LightningModule):
         raw = raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)  # what SFT trains on
         texts = scored_texts(self._prompt_texts(batch), raw, G)  # what rewards score (any <think> prefill restored)
         lengths, truncated = rollout.completion_lengths.tolist(), rollout.truncated.tolist()
-        scores = self.reward_set(texts, prompts=_repeat(batch["prompts"], G), **{k: _repeat(v, G) for k, v in batch["columns"].items()})
+        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
         return {
             "indices": batch["indices"], "prompts": batch["prompts"], "columns": batch["columns"], "num_generations": G,
             "completions": raw, "scored_texts": texts, "lengths": lengths, "truncated": truncated,
@@ -464,10 +595,6 @@ def _training_inputs(rollout: Rollout) -> tuple[dict[str, torch.Tensor], torch.T
     return inputs, target_mask, P
 
 
-def _repeat(values: list, times: int) -> list:
-    return [v for v in values for _ in range(times)]
-
-
 def _as_list(value: Any) -> list:
     if value is None:
         return []
@@ -500,7 +627,7 @@ def _check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size
             raise ConfigError(f"{name}={value}: must be >= 1 completions (or unset: the whole batch)")
 
 
-def _check_options(num_generations, beta, kl_placement, num_iterations, advantage_estimator, loss_aggregation, importance_level) -> None:
+def _check_options(num_generations, beta, kl_placement, num_iterations, loss_aggregation, importance_level) -> None:
     if num_generations < 1:
         raise ConfigError(f"num_generations={num_generations}: must be >= 1 (GRPO needs >= 2 for a non-zero advantage)")
     if beta < 0:
@@ -509,9 +636,28 @@ def _check_options(num_generations, beta, kl_placement, num_iterations, advantag
         raise ConfigError(f"kl_placement={kl_placement!r}: choose loss or reward")
     if num_iterations < 1:
         raise ConfigError(f"num_iterations={num_iterations}: must be >= 1")
-    if advantage_estimator not in ADVANTAGE_ESTIMATORS:
-        raise ConfigError(f"advantage_estimator={advantage_estimator!r}: choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")
     if loss_aggregation not in AGGREGATIONS:
         raise ConfigError(f"loss_aggregation={loss_aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
     if importance_level not in ("token", "sequence"):
         raise ConfigError(f"importance_level={importance_level!r}: choose token or sequence")
+
+
+# The constructor keys each component replaces: a component and a changed key together would ignore the key.
+_REPLACED_BY = {
+    "policy_loss": ("epsilon", "epsilon_high", "importance_level", "loss_aggregation"),
+    "kl_penalty": ("beta", "kl_estimator", "kl_placement"),
+}
+
+
+def _check_component_options(components: dict[str, Any], options: dict[str, Any]) -> None:
+    defaults = inspect.signature(GRPO.__init__).parameters
+    for component, keys in _REPLACED_BY.items():
+        given = components[component]
+        if given is None:
+            continue
+        changed = [key for key in keys if options[key] != defaults[key].default]
+        if changed:
+            raise ConfigError(
+                f"{component}={given!r} replaces {', '.join(changed)}: set {'them' if len(changed) > 1 else 'it'} "
+                f"in {component}'s init_args instead"
+            )

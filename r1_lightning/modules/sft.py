@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from r1_lightning.engines import HFGenerateEngine, RolloutEngine, SamplingParams
 from r1_lightning.evaluation import generate_and_score
 from r1_lightning.export import export_hf_model
 from r1_lightning.guards import NonFinite, StepGuard
@@ -20,7 +21,6 @@ from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, tot
 from r1_lightning.parallel import global_normalizer, shard_for_strategy
 from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
 from r1_lightning.resume import load_resume_state, save_rng_states
-from r1_lightning.rl.rollout import HFGenerateEngine, SamplingParams
 
 
 class PolicySFT(L.LightningModule):
@@ -44,6 +44,8 @@ class PolicySFT(L.LightningModule):
         eval_max_new_tokens: Token budget of generated answers in validation.
         eval_num_samples: Completions per validation prompt (1 with ``eval_temperature: 0`` = greedy).
         eval_temperature: Sampling temperature in validation (0 = greedy).
+        rollout_engine: How validation samples its answers: ``HFGenerateEngine`` (default) or
+            ``VLLMEngine`` (``class_path``, or an instance from Python).
         export_hf: Write ``<log dir>/hf_model/`` when fit ends.
         seed: Seed of the built-in model's initial weights and of validation sampling.
         fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype weights are gathered and
@@ -67,17 +69,18 @@ class PolicySFT(L.LightningModule):
         eval_max_new_tokens: int = 160,
         eval_num_samples: int = 1,
         eval_temperature: float = 0.0,
+        rollout_engine: RolloutEngine | None = None,
         export_hf: bool = True,
         seed: int = 0,
         fsdp_param_dtype: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["rollout_engine"])
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         # The tokenizer is light and needed by the data module's setup(), before configure_model.
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model: torch.nn.Module | None = None
-        self.engine = HFGenerateEngine()
+        self.engine = rollout_engine or HFGenerateEngine()
         self.val_metrics = ReasoningMetrics()
         self.guard = StepGuard(nonfinite)
 
@@ -91,6 +94,34 @@ class PolicySFT(L.LightningModule):
             lora=hp.lora, trust_remote_code=hp.trust_remote_code, seed=hp.seed,
         ).train()  # from_pretrained returns eval mode
         self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)  # FSDP2 only; DDP/FSDP wrap it themselves
+
+    @override
+    def setup(self, stage: str) -> None:
+        # Before any model loads: an engine whose length budget cannot hold a row and a generated answer.
+        longest = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "max_length", None)
+        if longest is not None:
+            self.engine.check_lengths(longest, self.hparams.eval_max_new_tokens)
+
+    # The rollout engine starts once the model is built and sharded, follows every optimizer step, stops with the stage.
+    @override
+    def on_fit_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_test_start(self) -> None:
+        self.engine.setup(self.model)
+
+    @override
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.engine.mark_stale()  # the weights may have stepped: an engine with its own copy pushes them before sampling
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self.engine.teardown()
 
     def completion_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-mean negative log-likelihood of the completion tokens over all ranks' batches; returns (loss, token count)."""

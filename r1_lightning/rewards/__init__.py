@@ -11,6 +11,7 @@ from r1_lightning.rewards.language import LanguageConsistency
 from r1_lightning.rewards.length import SoftOverlong
 from r1_lightning.rewards.parsing import extract_answer, extract_reasoning, restore_think_prefill
 from r1_lightning.rewards.repetition import RepetitionPenalty
+from r1_lightning.rewards.reward_model import RewardModel
 from r1_lightning.rewards.reward_set import RewardScores, RewardSet
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "RepetitionPenalty",
     "Reward",
     "RewardError",
+    "RewardModel",
     "RewardFn",
     "RewardScores",
     "RewardSet",

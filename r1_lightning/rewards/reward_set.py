@@ -15,6 +15,7 @@ from torch import Tensor
 
 from r1_lightning.errors import ConfigError
 from r1_lightning.rewards.base import FailedScore, RewardError, RewardFn, reward_name, snippet
+from r1_lightning.rl.advantages import normalize_in_groups
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,23 @@ class RewardSet:
             raise RewardError(message, reward=name, index=index, completion=completion) from cause
         log.warning("%s; the sample is left out (reward_on_error=%r)", message, self.on_error)
         return message
+
+    def group_normalized_total(self, scores: RewardScores, num_generations: int, eps: float = 1e-4) -> Tensor:
+        """The weighted sum of each reward normalised within its group (GDPO-style multi-reward training).
+
+        Each reward's scores become (r - group mean) / (group std + eps) (`normalize_in_groups`)
+        before weighting, so a reward with a wide range or spread cannot drown one with a narrow
+        one; a group where a reward is constant contributes 0 for it. `None` stays left out.
+
+        Args:
+            scores: What `__call__` returned for whole groups of `num_generations` consecutive completions.
+            num_generations: G.
+            eps: Added to each group std.
+
+        Returns:
+            `[N]` float32, NaN where no reward scored the sample.
+        """
+        return self._total({name: normalize_in_groups(values, num_generations, eps) for name, values in scores.scores.items()})
 
     def _total(self, scores: dict[str, Tensor]) -> Tensor:
         stacked = torch.stack(list(scores.values()))  # [R, N]

@@ -24,7 +24,7 @@ scaled up, so the student is pushed to put all of its mass on K (forward KL) or 
 infinite wherever the student puts mass outside K, so top-k refuses them.
 
 Memory: `chunked_divergence` projects both models' final hidden states through their LM heads
-`chunk_size` rows at a time (as `r1_lightning.rl.logprobs` does for one model): forward and backward
+`chunk_size` rows at a time (as `r1_lightning.engines.logprobs` does for one model): forward and backward
 hold a handful of `[chunk_size, V]` float32 buffers, never `[tokens, V]` logits of either model.
 The backward recomputes each chunk's logits of both models and applies the closed-form gradient of
 the divergence with respect to the student's logits (below, per class). `naive_divergence` is the
@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor
 
-from r1_lightning.rl.logprobs import _chunk_logits, _compute_dtype
+from r1_lightning.rl.logits import chunk_logits, compute_dtype
 from r1_lightning.rl.masked import masked_mean
 
 
@@ -163,8 +163,8 @@ def _chunk_logprobs(student, teacher, rows: slice, temperature: float, top_k: in
     """Student and teacher log-probs `[C, V]` of `rows`; each `(hidden, weight, bias)` is already in the compute dtype."""
     s_hidden, s_weight, s_bias = student
     t_hidden, t_weight, t_bias = teacher
-    student_logp = torch.log_softmax(_chunk_logits(s_hidden[rows], s_weight, s_bias, temperature), dim=-1)  # [C, V]
-    teacher_logits = _chunk_logits(t_hidden[rows], t_weight, t_bias, temperature)  # [C, V]
+    student_logp = torch.log_softmax(chunk_logits(s_hidden[rows], s_weight, s_bias, temperature), dim=-1)  # [C, V]
+    teacher_logits = chunk_logits(t_hidden[rows], t_weight, t_bias, temperature)  # [C, V]
     teacher_logp = top_k_log_softmax(teacher_logits, top_k) if top_k else torch.log_softmax(teacher_logits, dim=-1)
     return student_logp, teacher_logp
 
@@ -181,7 +181,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     def forward(
         ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, divergence, temperature, top_k, vocab_size, chunk_size
     ):
-        dtype = _compute_dtype(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
+        dtype = compute_dtype(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
         student = (s_hidden, *_head(s_weight, s_bias, vocab_size, dtype))
         teacher = (t_hidden, *_head(t_weight, t_bias, vocab_size, dtype))
         values = s_hidden.new_empty(s_hidden.shape[0], dtype=dtype)  # [M]
