@@ -163,6 +163,14 @@ def test_an_unsupported_head_size_is_one_line_naming_it(tokenizer):
         VLLMEngine().setup(small)
 
 
+def test_an_architecture_vllm_cannot_load_is_one_line_naming_it():
+    from transformers import BertConfig, BertLMHeadModel
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, is_decoder=True))
+    with pytest.raises(ConfigError, match="vLLM cannot load the architecture BertLMHeadModel"):
+        VLLMEngine().setup(bert)
+
+
 @pytest.mark.parametrize("option", [dict(gpu_memory_utilization=0.5), dict(enable_sleep_mode=True), dict(tensor_parallel_size=2)])
 def test_a_gpu_option_on_cpu_is_one_line_naming_it(model, option):
     name = next(iter(option))
