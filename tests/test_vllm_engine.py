@@ -99,7 +99,9 @@ def test_sampling_is_seeded_per_prompt_and_logprobs_are_the_trainers(engine, mod
     assert torch.equal(part.completion_ids[:4], full.completion_ids[12:16, :width])
     assert torch.equal(part.completion_ids[4:], full.completion_ids[8:12, :width])
     assert len({tuple(row.tolist()) for row in full.completion_ids[:4]}) > 1  # n = G draws G different samples
+    state = torch.get_rng_state()
     other = engine.generate(model, prompts, 4, params, generators(5, 6, 7, 8))
+    assert torch.equal(torch.get_rng_state(), state)  # the training process's random streams are left alone
     assert not torch.equal(other.completion_ids, full.completion_ids)
     # vLLM's log-probs are those of the tempered distribution the trainer scores (log_softmax(logits / T)).
     inputs, P = full.model_inputs(), full.prompt_ids.shape[1]
