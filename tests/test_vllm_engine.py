@@ -99,7 +99,9 @@ def test_sampling_is_seeded_per_prompt_and_logprobs_are_the_trainers(engine, mod
     assert torch.equal(part.completion_ids[:4], full.completion_ids[12:16, :width])
     assert torch.equal(part.completion_ids[4:], full.completion_ids[8:12, :width])
     assert len({tuple(row.tolist()) for row in full.completion_ids[:4]}) > 1  # n = G draws G different samples
+    state = torch.get_rng_state()
     other = engine.generate(model, prompts, 4, params, generators(5, 6, 7, 8))
+    assert torch.equal(torch.get_rng_state(), state)  # the training process's random streams are left alone
     assert not torch.equal(other.completion_ids, full.completion_ids)
     # vLLM's log-probs are those of the tempered distribution the trainer scores (log_softmax(logits / T)).
     inputs, P = full.model_inputs(), full.prompt_ids.shape[1]
@@ -161,6 +163,14 @@ def test_an_unsupported_head_size_is_one_line_naming_it(tokenizer):
     small = load_model("builtin:tiny-small", vocab_size=len(tokenizer))  # head size 16
     with pytest.raises(ConfigError, match="head size 16"):
         VLLMEngine().setup(small)
+
+
+def test_an_architecture_vllm_cannot_load_is_one_line_naming_it():
+    from transformers import BertConfig, BertLMHeadModel
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, is_decoder=True))
+    with pytest.raises(ConfigError, match="vLLM cannot load the architecture BertLMHeadModel"):
+        VLLMEngine().setup(bert)
 
 
 @pytest.mark.parametrize("option", [dict(gpu_memory_utilization=0.5), dict(enable_sleep_mode=True), dict(tensor_parallel_size=2)])

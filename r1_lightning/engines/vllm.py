@@ -32,10 +32,13 @@ import copy
 import importlib.util
 import logging
 import os
+import random
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -186,7 +189,8 @@ class VLLMEngine(RolloutEngine):
         renderer_log.addFilter(_no_chat_template_warmup)  # no tokenizer, on purpose: token ids in, token ids out
         start = time.perf_counter()
         try:
-            self.llm = LLM(**options)
+            with global_rng_untouched(device):  # vLLM seeds random, numpy and torch globally at start-up
+                self.llm = LLM(**options)
         finally:
             renderer_log.removeFilter(_no_chat_template_warmup)
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process: put it back.
@@ -267,7 +271,8 @@ class VLLMEngine(RolloutEngine):
             for seed in seeds
         ]
         prompts = [{"prompt_token_ids": list(map(int, p))} for p in prompt_ids]
-        outputs = self.llm.generate(prompts, requests, use_tqdm=False)
+        with global_rng_untouched(model_device(model)):  # its sampler draws from torch's global generator too
+            outputs = self.llm.generate(prompts, requests, use_tqdm=False)
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)  # weights and KV cache released for the training step; the next sync reloads both
             self._asleep, self._stale = True, True
@@ -303,6 +308,19 @@ class VLLMEngine(RolloutEngine):
                 f"VLLMEngine: vLLM's CPU attention does not support head size {head_size} "
                 f"(hidden_size {config.hidden_size} / {config.num_attention_heads} heads); it supports {list(CPU_HEAD_SIZES)}"
             )
+
+
+@contextmanager
+def global_rng_untouched(device: torch.device) -> Iterator[None]:
+    """Restore the global `random`, numpy and torch (CPU and ``device``) generators afterwards: what the engine
+    draws must not shift the training process's random streams (a resumed run restores them from the checkpoint)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _no_chat_template_warmup(record: logging.LogRecord) -> bool:
