@@ -238,14 +238,6 @@ class GRPO(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- setup
     @override
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.num_generations < 2:  # before the model loads
-            raise ConfigError(
-                f"num_generations={self.hparams.num_generations}: GRPO training needs >= 2 completions per prompt "
-                "(advantages are relative to the group: with 1 they are all 0 and nothing is learnt)"
-            )
-
-    @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -262,7 +254,13 @@ class GRPO(L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        # Before any model loads: an engine whose length budget cannot hold a prompt and its completion.
+        # Checked before any model loads.
+        if stage == "fit" and self.hparams.num_generations < 2:
+            raise ConfigError(
+                f"num_generations={self.hparams.num_generations}: GRPO training needs >= 2 completions per prompt "
+                "(advantages are relative to the group: with 1 they are all 0 and nothing is learnt)"
+            )
+        # An engine whose length budget cannot hold a prompt and its completion.
         longest = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "max_prompt_length", None)
         if longest is not None:
             hp = self.hparams
