@@ -15,7 +15,7 @@ from r1_lightning.data.cold_start import pack, pad
 from r1_lightning.errors import ConfigError
 from r1_lightning.policy import build_builtin_model, build_builtin_tokenizer, load_model
 from r1_lightning.recipe import load_recipe, run_stage
-from r1_lightning.rl.divergences import (
+from r1_lightning.modules.divergences import (
     ForwardKL,
     GeneralizedJSD,
     ReverseKL,

@@ -3,7 +3,7 @@
 DeepSeek-R1 (https://arxiv.org/abs/2501.12948), section 2.4: fine-tuning small dense models on R1's
 samples (sequence-level distillation, ``loss: sft``) beats RL on the small model alone. Logit-level
 distillation matches the teacher's whole next-token distribution at every completion position
-(``forward_kl``, ``reverse_kl``, ``jsd``; see ``r1_lightning.rl.divergences``). GKD (Agarwal et al.
+(``forward_kl``, ``reverse_kl``, ``jsd``; see ``r1_lightning.modules.divergences``). GKD (Agarwal et al.
 2024, https://arxiv.org/abs/2306.13649) adds on-policy distillation: a share λ of the rows is
 sampled from the student and scored by the teacher, so the student learns on its own mistakes.
 
@@ -42,7 +42,7 @@ from r1_lightning.modules.plumbing import (
 from r1_lightning.optim import check_optimizer_options
 from r1_lightning.parallel import global_normalizer, is_sharded, run_gathered
 from r1_lightning.policy import LoraSettings, backbone_and_head, load_tokenizer
-from r1_lightning.rl.divergences import (
+from r1_lightning.modules.divergences import (
     DIVERGENCES,
     Divergence,
     ForwardKL,
