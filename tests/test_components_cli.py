@@ -124,7 +124,8 @@ def test_user_components_from_yaml_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
     calls = [json.loads(line) for line in record.read_text().splitlines()]
-    generated = [c for c in calls if c["kind"] == "generate"]  # the user's engine sampled the rollouts: GRPO asked 8 tokens, it gave <= 4
+    # The user's engine sampled the rollouts: GRPO asked for 8 tokens, it gave at most 4.
+    generated = [c for c in calls if c["kind"] == "generate"]
     assert generated and all(c["asked"] == 8 and c["width"] <= 4 for c in generated)
     calls = [c for c in calls if c["kind"] != "generate"]
     kinds = [c["kind"] for c in calls]

@@ -57,7 +57,8 @@ def test_one_seed_formula():
     # (seed · 1_000_003 + offset) mod 2^63, with seed 2:
     seeds = SamplingSeeds(2)
     base = 2 * 1_000_003
-    assert seeds_of(seeds.per_prompt([5, 0], 3)) == [base + 6 * 1_000_033 + 3, base + 1 * 1_000_033 + 3]  # (index + 1) · 1_000_033 + stream
+    # Per prompt: (index + 1) · 1_000_033 + stream.
+    assert seeds_of(seeds.per_prompt([5, 0], 3)) == [base + 6 * 1_000_033 + 3, base + 1 * 1_000_033 + 3]
     assert seeds_of(seeds.for_batch({}, 4, rank=1)) == [base + 7919 + 4]  # no indices: rank · 7919 + stream
     assert seeds_of(seeds.evaluation({}, 3, rank=1)) == [base + 7919 + 10_000_003]  # evaluation: stream 10_000_000 + batch_idx
     assert seeds_of(seeds.evaluation({"indices": [0]}, 9, rank=0)) == [base + 1_000_033 - 1]  # per prompt: stream -1
@@ -73,7 +74,8 @@ def test_groups_helpers():
 
 @pytest.fixture(scope="module")
 def val_batch():
-    data = ColdStartDataModule(num_samples=4, num_val_samples=2, max_length=256, batch_size=2, tokenizer=load_tokenizer("builtin:tiny", False))
+    tokenizer = load_tokenizer("builtin:tiny", False)
+    data = ColdStartDataModule(num_samples=4, num_val_samples=2, max_length=256, batch_size=2, tokenizer=tokenizer)
     data.setup("fit")
     return next(iter(data.val_dataloader()))
 

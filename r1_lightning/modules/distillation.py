@@ -201,7 +201,8 @@ class Distillation(L.LightningModule):
 
     def _training_rows(self, batch: dict[str, Any], batch_idx: int) -> tuple[list[dict[str, torch.Tensor]], float]:
         """The rows to learn on: teacher-written rows and rows sampled from the student (GKD's λ)."""
-        # Seeded per prompt by (seed, dataset index, step): N ranks sample what one process would, a resumed run as the uninterrupted one.
+        # Seeded per prompt by (seed, dataset index, step): N ranks sample what one process would, and a
+        # resumed run what the uninterrupted one would.
         hp, generators = self.hparams, self.seeds.for_batch(batch, self.global_step, self.global_rank, self.device)
         params = self._sampling(hp.max_new_tokens, hp.generation_temperature)
         if "input_ids" not in batch:  # prompts only: sequence-level KD samples the teacher, on-policy KD the student
@@ -276,7 +277,8 @@ class Distillation(L.LightningModule):
             rows = {k: batch[k] for k in ROW_KEYS}
         else:
             params = self._sampling(hp.max_new_tokens, hp.generation_temperature)
-            rows = self._sample_rows(self.model, batch["prompt_ids"], params, self.seeds.evaluation(batch, batch_idx, self.global_rank, self.device))
+            generators = self.seeds.evaluation(batch, batch_idx, self.global_rank, self.device)
+            rows = self._sample_rows(self.model, batch["prompt_ids"], params, generators)
         terms = self._token_terms(rows, with_kl=True)
         tokens = terms["divergence"].numel()
         loss = terms["nll"].mean() if self.sft else distillation_loss(terms["divergence"], hp.temperature)[0]

@@ -150,7 +150,7 @@ def resolve_divergence(spec: str | Divergence, jsd_beta: float = 0.5) -> Diverge
         return GeneralizedJSD(jsd_beta)
     if spec in DIVERGENCES:
         return DIVERGENCES[spec]()
-    raise ValueError(f"divergence {spec!r} is not one of {sorted(DIVERGENCES)} (or a r1_lightning.modules.divergences.Divergence)")
+    raise ValueError(f"divergence {spec!r} is not one of {sorted(DIVERGENCES)} (or a Divergence)")
 
 
 def top_k_log_softmax(logits: Tensor, top_k: int) -> Tensor:

@@ -270,7 +270,9 @@ class GRPO(L.LightningModule):
             fsdp_param_dtype=hp.fsdp_param_dtype,
         )
         # Policy and reference sharded alike (FSDP2 only; DDP and FSDP wrap the module themselves).
-        self.model = load_policy(self, hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **common)
+        self.model = load_policy(
+            self, hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **common
+        )
         if self.kl_penalty.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
             self.ref_model = load_frozen(self, hp.model_name_or_path, **common)
         if hp.compile and (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
@@ -331,7 +333,8 @@ class GRPO(L.LightningModule):
         )
 
     def _loss_mask(self, rollout: Rollout, rewards: torch.Tensor, draws: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The completion tokens the loss covers [B*G, T]: less truncated completions (DAPO's option) and flat groups (dynamic sampling)."""
+        """The completion tokens the loss covers [B*G, T]: without truncated completions (DAPO's option) and flat groups
+        (dynamic sampling)."""
         hp, G = self.hparams, self.hparams.num_generations
         loss_mask = rollout.completion_mask.bool()
         if hp.mask_truncated:
@@ -460,7 +463,8 @@ class GRPO(L.LightningModule):
         """Training's (or with ``evaluation``, validation's) sampling settings; stops at every EOS id (``eos_token_ids``)."""
         hp = self.hparams
         if evaluation:
-            return sampling_params(self.tokenizer, self.model, hp.eval_max_new_tokens or hp.max_new_tokens, hp.eval_temperature, hp.top_p, hp.top_k)
+            max_new_tokens = hp.eval_max_new_tokens or hp.max_new_tokens
+            return sampling_params(self.tokenizer, self.model, max_new_tokens, hp.eval_temperature, hp.top_p, hp.top_k)
         return sampling_params(self.tokenizer, self.model, hp.max_new_tokens, hp.temperature, hp.top_p, hp.top_k)
 
     def _log_step(self, rollout: Rollout, scores, rewards: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:

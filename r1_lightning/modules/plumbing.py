@@ -85,7 +85,8 @@ def policy_optimizer(module: L.LightningModule, total_steps: int | None = None) 
     ``warmup_steps`` and ``min_lr_ratio`` hyperparameters; ``total_steps`` defaults to the trainer's."""
     hp = module.hparams
     total = total_training_steps(module.trainer) if total_steps is None else total_steps
-    return adamw_warmup_cosine(module.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
+    parameters = module.model.parameters()
+    return adamw_warmup_cosine(parameters, hp.learning_rate, hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
 
 
 def export_at_fit_end(module: L.LightningModule) -> None:
@@ -103,7 +104,8 @@ def save_training_state(module: L.LightningModule, checkpoint: dict[str, Any], r
 
 
 def load_training_state(module: L.LightningModule, checkpoint: dict[str, Any]) -> int:
-    """``on_load_checkpoint``: refuse a checkpoint that does not fit, restore the RNG states; the saved rollout step (0 if none)."""
+    """``on_load_checkpoint``: refuse a checkpoint that does not fit, restore the RNG states; returns the saved
+    rollout step (0 if none)."""
     load_resume_state(module, checkpoint)
     return checkpoint.get(ROLLOUT_STEP_KEY, 0)
 

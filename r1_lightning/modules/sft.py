@@ -99,8 +99,9 @@ class PolicySFT(L.LightningModule):
             return
         hp = self.hparams
         self.model = load_policy(
-            self, hp.model_name_or_path, vocab_size=len(self.tokenizer), dtype=hp.dtype, gradient_checkpointing=hp.gradient_checkpointing,
-            lora=hp.lora, trust_remote_code=hp.trust_remote_code, seed=hp.seed, fsdp_param_dtype=hp.fsdp_param_dtype,
+            self, hp.model_name_or_path, vocab_size=len(self.tokenizer), dtype=hp.dtype,
+            gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, trust_remote_code=hp.trust_remote_code, seed=hp.seed,
+            fsdp_param_dtype=hp.fsdp_param_dtype,
         )
 
     @override
@@ -138,7 +139,9 @@ class PolicySFT(L.LightningModule):
         hp = self.hparams
         params = sampling_params(self.tokenizer, self.model, hp.eval_max_new_tokens, hp.eval_temperature)
         generators = self.seeds.evaluation(batch, batch_idx, self.global_rank, self.device)
-        scored = generate_and_score(self.model, self.tokenizer, self.engine, batch["prompt_ids"], batch["answers"], params, hp.eval_num_samples, generators)
+        scored = generate_and_score(
+            self.model, self.tokenizer, self.engine, batch["prompt_ids"], batch["answers"], params, hp.eval_num_samples, generators
+        )
         self.val_metrics.update(scored.correct, scored.answers, scored.formatted, scored.reasoning_lengths)
 
     @override
