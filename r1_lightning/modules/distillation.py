@@ -28,6 +28,14 @@ from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
+from r1_lightning.modules.divergences import (
+    DIVERGENCES,
+    Divergence,
+    ForwardKL,
+    chunked_divergence,
+    distillation_loss,
+    resolve_divergence,
+)
 from r1_lightning.modules.plumbing import (
     EngineLifecycle,
     SamplingSeeds,
@@ -42,14 +50,6 @@ from r1_lightning.modules.plumbing import (
 from r1_lightning.optim import check_optimizer_options
 from r1_lightning.parallel import global_normalizer, is_sharded, run_gathered
 from r1_lightning.policy import LoraSettings, backbone_and_head, load_tokenizer
-from r1_lightning.modules.divergences import (
-    DIVERGENCES,
-    Divergence,
-    ForwardKL,
-    chunked_divergence,
-    distillation_loss,
-    resolve_divergence,
-)
 
 ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
 
