@@ -11,6 +11,7 @@ import torch
 from r1_lightning.engines import RolloutEngine, SamplingParams
 from r1_lightning.rewards import Accuracy, FailedScore, LenientFormat
 from r1_lightning.rewards.parsing import extract_answer, extract_reasoning, restore_think_prefill
+from r1_lightning.rl.groups import group_of, repeat_per_completion, split_groups
 
 
 @dataclass
@@ -31,7 +32,7 @@ def raw_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: to
 
 def scored_texts(prompt_texts: list[str], completions: list[str], num_generations: int) -> list[str]:
     """Completions as rewards see them: a ``<think>`` opened by the chat template put back (see ``restore_think_prefill``)."""
-    return [restore_think_prefill(prompt_texts[i // num_generations], text) for i, text in enumerate(completions)]
+    return [restore_think_prefill(prompt_texts[group_of(i, num_generations)], text) for i, text in enumerate(completions)]
 
 
 def decode_completions(tokenizer, prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor, num_generations: int) -> list[str]:
@@ -53,8 +54,8 @@ def generate_and_score(
     """Sample ``num_samples`` completions per prompt and score answer correctness and format."""
     rollout = engine.generate(model, prompt_ids, num_samples, params, generator)
     texts = decode_completions(tokenizer, prompt_ids, rollout.completion_ids, rollout.completion_mask, num_samples)
-    repeated = [r for r in references for _ in range(num_samples)]
-    prompts = [p for p in prompt_ids for _ in range(num_samples)]
+    repeated = repeat_per_completion(references, num_samples)
+    prompts = repeat_per_completion(prompt_ids, num_samples)
     # None (reference not parsable) stays None: the metrics leave such prompts out rather than count a 0.
     # An answer math-verify could not check in time (a FailedScore) is not credited.
     scores = _accuracy()(texts, prompts=prompts, answer=repeated)
@@ -63,11 +64,8 @@ def generate_and_score(
     answers = [_normalise(extract_answer(t)) for t in texts]
     reasoning = [extract_reasoning(t) or "" for t in texts]
     reasoning_lengths = [len(ids) for ids in tokenizer(reasoning, add_special_tokens=False)["input_ids"]]
-
-    def by_prompt(values: list) -> list[list]:
-        return [values[i : i + num_samples] for i in range(0, len(values), num_samples)]
-
-    return Scored(by_prompt(texts), by_prompt(answers), by_prompt(correct), by_prompt(formatted), by_prompt(reasoning_lengths))
+    columns = (texts, answers, correct, formatted, reasoning_lengths)
+    return Scored(*(split_groups(values, num_samples) for values in columns))
 
 
 @functools.cache

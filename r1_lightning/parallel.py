@@ -31,6 +31,8 @@ from r1_lightning.errors import ConfigError
 
 T = TypeVar("T")
 ROOT_CALL = "r1_run_gathered"  # the forward method registered on a sharded root unit
+# `fsdp_param_dtype`'s values: the dtypes FSDP2 may gather weights in.
+PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -89,11 +91,9 @@ def shard_for_strategy(module: nn.Module, model: nn.Module | None, param_dtype: 
         return model
     policy = MixedPrecisionPolicy()
     if param_dtype is not None:
-        from r1_lightning.policy import DTYPES
-
-        if DTYPES.get(param_dtype) in (None, "auto"):
-            raise ConfigError(f"fsdp_param_dtype={param_dtype!r}: choose one of bfloat16, float16, float32")
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=torch.float32)
+        if param_dtype not in PARAM_DTYPES:
+            raise ConfigError(f"fsdp_param_dtype={param_dtype!r}: choose one of {', '.join(PARAM_DTYPES)}")
+        policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[param_dtype], reduce_dtype=torch.float32)
     layer_classes = tuple(decoder_layer_classes(model))
     for layer in [m for m in model.modules() if isinstance(m, layer_classes)]:
         fully_shard(layer, mesh=mesh, mp_policy=policy)

@@ -53,6 +53,7 @@ import yaml
 
 from r1_lightning.atomic import remove_stray_temporaries, write_bytes_atomic, write_text_atomic
 from r1_lightning.errors import ConfigError
+from r1_lightning.lightning_cli import R1CLI
 
 COLUMNS = ["stage", "params", "accuracy", "maj@k", "format", "reasoning_length", "accepted_rows", "wall_time_s"]
 MANIFEST = "recipe_manifest.json"  # in output_dir: the stage directories this recipe made (what --fresh may delete)
@@ -388,14 +389,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _cli(args: list[str], run: bool = True):
+def _cli(args: list[str], run: bool = True) -> R1CLI:
     """An in-process LightningCLI run (with ``sys.argv`` hidden, which LightningCLI would warn about)."""
-    from unittest import mock
-
-    from r1_lightning.cli import R1CLI
-
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
         return R1CLI(args=args, run=run)
+    finally:
+        sys.argv = argv
 
 
 def _as_list(value: Any) -> list:

@@ -26,7 +26,7 @@ from r1_lightning.checkpoint import check_checkpoint_fits
 from r1_lightning.data.tasks import ArithmeticTask
 from r1_lightning.errors import ConfigError
 from r1_lightning.policy import LoraSettings
-from r1_lightning.rl.divergences import ForwardKL, GeneralizedJSD, ReverseKL
+from r1_lightning.modules.divergences import ForwardKL, GeneralizedJSD, ReverseKL
 
 RNG_KEY = "r1_rng_states"
 

@@ -62,6 +62,16 @@ def test_readme_examples_are_the_user_module_and_run():
     # LengthPenalty(4): 3 characters → 0; 6 → -(6 - 4)/4.
     assert ns["LengthPenalty"](max_chars=4)(["abc", "abcdef"], prompts=["p", "p"]) == [0.0, -0.5]
 
+    # ShortDrafts(3) asked for 10 greedy tokens: the HF engine's rollout, cut to 3 tokens (EOS ids none, so exactly 3).
+    from test_rollout import tiny_model
+
+    from r1_lightning.engines import HFGenerateEngine, SamplingParams
+
+    model, params = tiny_model(), SamplingParams(max_new_tokens=10, temperature=0.0)
+    short = ns["ShortDrafts"](max_new_tokens=3).generate(model, [[1, 2, 3], [4, 5]], 2, params)
+    full = HFGenerateEngine().generate(model, [[1, 2, 3], [4, 5]], 2, params)
+    assert short.completion_ids.shape == (4, 3) and torch.equal(short.completion_ids, full.completion_ids[:, :3])
+
 
 # -------------------------------------------------------------------------------- user YAML, CLI
 def test_user_components_from_yaml_through_the_cli(tmp_path):
@@ -89,6 +99,9 @@ def test_user_components_from_yaml_through_the_cli(tmp_path):
         "    kl_penalty:\n"
         "      class_path: user_components.RecordedCappedKL\n"
         f"      init_args: {{record: {record}, cap: 2.0, beta: 0.02}}\n"
+        "    rollout_engine:\n"
+        "      class_path: user_components.RecordedShortDrafts\n"
+        f"      init_args: {{record: {record}, max_new_tokens: 4}}\n"
     )
     overrides = {
         "model.init_args.model_name_or_path": "builtin:tiny",
@@ -111,6 +124,10 @@ def test_user_components_from_yaml_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
     calls = [json.loads(line) for line in record.read_text().splitlines()]
+    # The user's engine sampled the rollouts: GRPO asked for 8 tokens, it gave at most 4.
+    generated = [c for c in calls if c["kind"] == "generate"]
+    assert generated and all(c["asked"] == 8 and c["width"] <= 4 for c in generated)
+    calls = [c for c in calls if c["kind"] != "generate"]
     kinds = [c["kind"] for c in calls]
     assert kinds[0] == "advantages" and kinds.count("advantages") == 1  # one batch of rollouts
     assert kinds.count("loss") == kinds.count("kl") >= 1 and calls[kinds.index("loss")]["cap"] == 1.5

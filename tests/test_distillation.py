@@ -15,7 +15,7 @@ from r1_lightning.data.cold_start import pack, pad
 from r1_lightning.errors import ConfigError
 from r1_lightning.policy import build_builtin_model, build_builtin_tokenizer, load_model
 from r1_lightning.recipe import load_recipe, run_stage
-from r1_lightning.rl.divergences import (
+from r1_lightning.modules.divergences import (
     ForwardKL,
     GeneralizedJSD,
     ReverseKL,
@@ -361,7 +361,7 @@ def test_on_policy_rows_are_the_students_samples(batch):
     parts, share = module._training_rows(batch, 0)
     assert share == 0.5 and len(parts) == 2  # 2 of the 4 rows sampled, 2 teacher-written
     sampled, offline = parts
-    greedy = module.engine.generate(module.model, batch["prompt_ids"][:2], 1, module._sampling_params(6, 0.0))
+    greedy = module.engine.generate(module.model, batch["prompt_ids"][:2], 1, module._sampling(6, 0.0))
     torch.testing.assert_close(sampled["input_ids"], greedy.model_inputs()["input_ids"])
     assert sampled["loss_mask"].sum() == greedy.completion_mask.sum()  # the loss covers the sampled completion
     torch.testing.assert_close(offline["input_ids"], batch["input_ids"][2:])
@@ -389,7 +389,7 @@ def test_prompt_batches_are_sampled_from_the_student_or_for_sft_the_teacher(tmp_
         data.setup("fit")
         prompts = next(iter(data.train_dataloader()))
         (rows,), share = module._training_rows(prompts, 0)
-        expected = module.engine.generate(getattr(module, writer), prompts["prompt_ids"], 1, module._sampling_params(5, 0.0))
+        expected = module.engine.generate(getattr(module, writer), prompts["prompt_ids"], 1, module._sampling(5, 0.0))
         assert share == 1.0 and torch.equal(rows["input_ids"], expected.model_inputs()["input_ids"])
     trainer = _fit(module, data, tmp_path, 2, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)
     metrics = trainer.callback_metrics

@@ -267,10 +267,10 @@ def test_grpo_seeds_a_prompt_by_its_index_and_the_rollout_step():
     from grpo_helpers import tiny_grpo
 
     module = tiny_grpo()
-    seeds = lambda indices, stream: [g.initial_seed() for g in module._prompt_generators({"indices": indices}, stream)]  # noqa: E731
+    seeds = lambda indices, stream: [g.initial_seed() for g in module.seeds.per_prompt(indices, stream)]  # noqa: E731
     assert seeds([3, 5], 0)[1] == seeds([5], 0)[0]  # the batch around a prompt does not matter
     assert len(set(seeds([3, 5], 0) + seeds([3, 5], 1))) == 4  # prompts and steps differ
-    assert module._prompt_generators({}, 0) is None  # a batch without indices: the per-rank generator
+    assert isinstance(module.seeds.for_batch({}, 0, rank=0), torch.Generator)  # a batch without indices: the per-rank generator
 
 
 def test_outside_a_process_group_nothing_is_sharded_or_reduced():

@@ -210,10 +210,10 @@ OPTION_CASES = {
 
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 def test_unchecked_options_fail_in_one_line_before_any_model_loads(case, bad_data, tmp_path, capsys, monkeypatch):
-    import r1_lightning.modules.grpo
+    import r1_lightning.modules.plumbing
 
     subcommand, extra, expected = OPTION_CASES[case]
-    monkeypatch.setattr(r1_lightning.modules.grpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(r1_lightning.modules.plumbing, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     args = GRPO_ARGS if subcommand == "fit" else GRPO_ARGS[: GRPO_ARGS.index("--trainer.max_steps")] + ["--trainer.logger", "false"]
     monkeypatch.chdir(tmp_path)
     code, err = run([subcommand, *args, *[a.format(data=bad_data) for a in extra]], capsys)

@@ -256,5 +256,5 @@ def test_each_rank_samples_with_its_own_seed(monkeypatch):
     seeds = []
     for rank in (0, 1):
         monkeypatch.setattr(type(module), "global_rank", property(lambda self, r=rank: r))
-        seeds.append(module._generator().initial_seed())
+        seeds.append(module.seeds.for_batch({}, module.rollout_step, module.global_rank).initial_seed())
     assert seeds[0] != seeds[1]

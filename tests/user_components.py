@@ -71,6 +71,24 @@ class LengthPenalty(Reward):
 # --- end
 
 
+# --- README: rollout engine
+import dataclasses
+
+from r1_lightning.engines import HFGenerateEngine, RolloutEngine
+
+
+class ShortDrafts(RolloutEngine):
+    """Samples from the policy itself (through HFGenerateEngine), never more than `max_new_tokens` tokens."""
+
+    def __init__(self, max_new_tokens: int = 64) -> None:
+        self.inner, self.max_new_tokens = HFGenerateEngine(), max_new_tokens
+
+    def generate(self, model, prompt_ids, num_generations, params, generator=None):
+        params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, self.max_new_tokens))
+        return self.inner.generate(model, prompt_ids, num_generations, params, generator)
+# --- end
+
+
 def _record(path: str, kind: str, **values) -> None:
     with open(path, "a") as f:
         f.write(json.dumps({"kind": kind, **values}) + "\n")
@@ -110,3 +128,16 @@ class RecordedCappedKL(CappedKL):
     def loss_term(self, logprobs, old_logprobs, ref_logprobs, completion_mask):
         _record(self.record, "kl", cap=self.cap, beta=self.beta)
         return super().loss_term(logprobs, old_logprobs, ref_logprobs, completion_mask)
+
+
+class RecordedShortDrafts(ShortDrafts):
+    """`ShortDrafts` that appends each call's token budget and completion width to `record`."""
+
+    def __init__(self, record: str, max_new_tokens: int = 64) -> None:
+        super().__init__(max_new_tokens)
+        self.record = record
+
+    def generate(self, model, prompt_ids, num_generations, params, generator=None):
+        rollout = super().generate(model, prompt_ids, num_generations, params, generator)
+        _record(self.record, "generate", asked=params.max_new_tokens, width=rollout.completion_ids.shape[1])
+        return rollout

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from r1_lightning.atomic import remove_stray_temporaries, write_text_atomic
 from r1_lightning.errors import ConfigError, UserError
+from r1_lightning.rl.groups import group_indices
 
 
 class RejectionSamplingWriter(BasePredictionWriter):
@@ -83,7 +84,7 @@ class RejectionSamplingWriter(BasePredictionWriter):
         G = prediction["num_generations"]
         for p, index in enumerate(prediction["indices"]):
             accepted = []
-            for i in range(p * G, (p + 1) * G):
+            for i in group_indices(p, G):
                 reason = self.rejection_reason(prediction, i)
                 self.stats["samples"] += 1
                 self.stats[f"rejected_{reason}" if reason else "accepted"] += 1

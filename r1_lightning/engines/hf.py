@@ -21,6 +21,7 @@ from r1_lightning.engines.base import (
 )
 from r1_lightning.engines.fast_decode import fast_decode_step
 from r1_lightning.engines.kv_cache import preallocate
+from r1_lightning.rl.groups import per_completion
 
 try:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -82,8 +83,8 @@ class HFGenerateEngine(RolloutEngine):
         is_eos = torch.isin(completion_ids, eos)
         completion_mask = ((is_eos.cumsum(-1) - is_eos.long()) == 0).long()  # no EOS strictly before
         return Rollout(
-            prompt_ids=prompts.repeat_interleave(num_generations, dim=0),
-            prompt_mask=prompt_mask.repeat_interleave(num_generations, dim=0),
+            prompt_ids=per_completion(prompts, num_generations),
+            prompt_mask=per_completion(prompt_mask, num_generations),
             completion_ids=completion_ids,
             completion_mask=completion_mask,
             logprobs=torch.stack(logprobs, dim=1),
@@ -115,16 +116,16 @@ def _decode(
         logits_to_keep=1,
     )
     cache = output_cache(out)
-    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [N, V]
+    logits = per_completion(out.logits[:, -1], G)  # [N, V]
     if G > 1:
         # Every cache layer type implements `reorder_cache` (an index_select on the batch
         # dim), including linear-attention layers that lack `batch_repeat_interleave`.
-        cache.reorder_cache(torch.arange(B, device=device).repeat_interleave(G))
+        cache.reorder_cache(per_completion(torch.arange(B, device=device), G))
     preallocate(cache, P + T)
 
     # Left padding puts a real token last, so the next position is the prompt length.
-    next_position = position_ids[:, -1:].repeat_interleave(G, dim=0) + 1  # [N, 1]
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), prompt_mask.new_ones(N, T)], dim=1)
+    next_position = per_completion(position_ids[:, -1:], G) + 1  # [N, 1]
+    attention_mask = torch.cat([per_completion(prompt_mask, G), prompt_mask.new_ones(N, T)], dim=1)
     attention_mask = _decode_mask(model, attention_mask)
     fast_step = fast_decode_step(model, cache, attention_mask)  # None: the Hugging Face forward
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)

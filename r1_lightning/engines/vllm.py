@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from r1_lightning.engines.base import Rollout, RolloutEngine, SamplingParams, left_pad, model_device
 from r1_lightning.errors import ConfigError
+from r1_lightning.rl.groups import per_completion
 
 INSTALL_HINT = "pip install 'r1-lightning[vllm]'"
 # vLLM's CPU attention kernels (vllm/v1/attention/backends/cpu_attn.py, vLLM 0.32).
@@ -366,7 +367,7 @@ def rollout_from_completions(prompt_ids: list[list[int]], completions: list[list
         truncated[i] = not (n and tokens[-1] in eos)
     prompts, prompt_mask = left_pad(prompt_ids, params.pad_token_id, device)
     return Rollout(
-        prompt_ids=prompts.repeat_interleave(G, dim=0), prompt_mask=prompt_mask.repeat_interleave(G, dim=0),
+        prompt_ids=per_completion(prompts, G), prompt_mask=per_completion(prompt_mask, G),
         completion_ids=ids.to(device), completion_mask=mask.to(device), logprobs=logprobs.to(device), truncated=truncated.to(device),
     )
 

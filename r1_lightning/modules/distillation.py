@@ -3,7 +3,7 @@
 DeepSeek-R1 (https://arxiv.org/abs/2501.12948), section 2.4: fine-tuning small dense models on R1's
 samples (sequence-level distillation, ``loss: sft``) beats RL on the small model alone. Logit-level
 distillation matches the teacher's whole next-token distribution at every completion position
-(``forward_kl``, ``reverse_kl``, ``jsd``; see ``r1_lightning.rl.divergences``). GKD (Agarwal et al.
+(``forward_kl``, ``reverse_kl``, ``jsd``; see ``r1_lightning.modules.divergences``). GKD (Agarwal et al.
 2024, https://arxiv.org/abs/2306.13649) adds on-policy distillation: a share λ of the rows is
 sampled from the student and scored by the teacher, so the student learns on its own mistakes.
 
@@ -26,14 +26,9 @@ from r1_lightning.engines import HFGenerateEngine, RolloutEngine, SamplingParams
 from r1_lightning.engines.logprobs import chunked_token_logprobs
 from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score
-from r1_lightning.export import export_hf_model
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
-from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, total_training_steps
-from r1_lightning.parallel import global_normalizer, is_sharded, run_gathered, shard_for_strategy
-from r1_lightning.policy import LoraSettings, backbone_and_head, load_model, load_tokenizer
-from r1_lightning.resume import load_resume_state, save_rng_states
-from r1_lightning.rl.divergences import (
+from r1_lightning.modules.divergences import (
     DIVERGENCES,
     Divergence,
     ForwardKL,
@@ -41,6 +36,20 @@ from r1_lightning.rl.divergences import (
     distillation_loss,
     resolve_divergence,
 )
+from r1_lightning.modules.plumbing import (
+    EngineLifecycle,
+    SamplingSeeds,
+    export_at_fit_end,
+    load_frozen,
+    load_policy,
+    load_training_state,
+    policy_optimizer,
+    sampling_params,
+    save_training_state,
+)
+from r1_lightning.optim import check_optimizer_options
+from r1_lightning.parallel import global_normalizer, is_sharded, run_gathered
+from r1_lightning.policy import LoraSettings, backbone_and_head, load_tokenizer
 
 ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
 
@@ -138,57 +147,30 @@ class Distillation(L.LightningModule):
         self.teacher: torch.nn.Module | None = None
         self.val_metrics = ReasoningMetrics()
         self.guard = StepGuard(nonfinite)
+        self.seeds = SamplingSeeds(seed)
 
     @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
         hp = self.hparams
-        common = dict(vocab_size=len(self.tokenizer), trust_remote_code=hp.trust_remote_code)
-        self.model = load_model(
-            hp.model_name_or_path, dtype=hp.dtype, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, seed=hp.seed,
+        common = dict(vocab_size=len(self.tokenizer), trust_remote_code=hp.trust_remote_code, fsdp_param_dtype=hp.fsdp_param_dtype)
+        # Student and frozen teacher sharded alike (FSDP2 only; DDP and FSDP wrap the module themselves).
+        self.model = load_policy(
+            self, hp.model_name_or_path, dtype=hp.dtype, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, seed=hp.seed,
             **common,
-        ).train()
-        self.teacher = load_model(hp.teacher_name_or_path, dtype=hp.teacher_dtype or hp.dtype, seed=hp.seed + 1, **common)
-        self.teacher.eval().requires_grad_(False)
+        )
+        self.teacher = load_frozen(self, hp.teacher_name_or_path, dtype=hp.teacher_dtype or hp.dtype, seed=hp.seed + 1, **common)
         for option, model in (("model_name_or_path", self.model), ("teacher_name_or_path", self.teacher)):
             rows = backbone_and_head(model)[1].weight.shape[0]
             if rows < self.vocab_size:
                 raise ConfigError(
                     f"{option}={hp[option]!r}: the LM head has {rows} rows, fewer than the tokenizer's {self.vocab_size} tokens"
                 )
-        # FSDP2 only (DDP and FSDP wrap the module themselves): student and frozen teacher sharded alike.
-        self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)
-        self.teacher = shard_for_strategy(self, self.teacher, hp.fsdp_param_dtype)
 
     @override
-    def setup(self, stage: str) -> None:
-        # Before any model loads: an engine whose length budget cannot hold a prompt and a sampled completion.
-        hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", None)
-        longest = getattr(hparams, "max_prompt_length", None) or getattr(hparams, "max_length", None)
-        if longest is not None:
-            self.engine.check_lengths(longest, max(self.hparams.max_new_tokens, self.hparams.eval_max_new_tokens))
-
-    # The rollout engine starts once the model is built and sharded, follows every optimizer step, stops with the stage.
-    @override
-    def on_fit_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_validation_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_test_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.engine.mark_stale()  # the weights may have stepped: an engine with its own copy pushes them before sampling
-
-    @override
-    def teardown(self, stage: str) -> None:
-        self.engine.teardown()
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [EngineLifecycle(self.engine, max(self.hparams.max_new_tokens, self.hparams.eval_max_new_tokens))]
 
     # -------------------------------------------------------------------------------- training
     @override
@@ -219,8 +201,10 @@ class Distillation(L.LightningModule):
 
     def _training_rows(self, batch: dict[str, Any], batch_idx: int) -> tuple[list[dict[str, torch.Tensor]], float]:
         """The rows to learn on: teacher-written rows and rows sampled from the student (GKD's λ)."""
-        hp, generators = self.hparams, self._generators(batch, batch_idx)
-        params = self._sampling_params(hp.max_new_tokens, hp.generation_temperature)
+        # Seeded per prompt by (seed, dataset index, step): N ranks sample what one process would, and a
+        # resumed run what the uninterrupted one would.
+        hp, generators = self.hparams, self.seeds.for_batch(batch, self.global_step, self.global_rank, self.device)
+        params = self._sampling(hp.max_new_tokens, hp.generation_temperature)
         if "input_ids" not in batch:  # prompts only: sequence-level KD samples the teacher, on-policy KD the student
             if self.sft and not self.engine.samples_from_policy:
                 raise ConfigError(
@@ -292,8 +276,9 @@ class Distillation(L.LightningModule):
         if "input_ids" in batch:
             rows = {k: batch[k] for k in ROW_KEYS}
         else:
-            params = self._sampling_params(hp.max_new_tokens, hp.generation_temperature)
-            rows = self._sample_rows(self.model, batch["prompt_ids"], params, self._eval_generator(batch_idx))
+            params = self._sampling(hp.max_new_tokens, hp.generation_temperature)
+            generators = self.seeds.evaluation(batch, batch_idx, self.global_rank, self.device)
+            rows = self._sample_rows(self.model, batch["prompt_ids"], params, generators)
         terms = self._token_terms(rows, with_kl=True)
         tokens = terms["divergence"].numel()
         loss = terms["nll"].mean() if self.sft else distillation_loss(terms["divergence"], hp.temperature)[0]
@@ -303,10 +288,10 @@ class Distillation(L.LightningModule):
         self.log("val/teacher_agreement", terms["agree"].mean(), batch_size=tokens, sync_dist=True)
         answers = batch.get("answers") or batch.get("columns", {}).get("answer")
         if answers is not None:
-            params = self._sampling_params(hp.eval_max_new_tokens, hp.eval_temperature)
+            params = self._sampling(hp.eval_max_new_tokens, hp.eval_temperature)
             scored = generate_and_score(
                 self.model, self.tokenizer, self.engine, batch["prompt_ids"], answers, params, hp.eval_num_samples,
-                self._eval_generator(batch_idx),
+                self.seeds.evaluation(batch, batch_idx, self.global_rank, self.device),
             )
             self.val_metrics.update(scored.correct, scored.answers, scored.formatted, scored.reasoning_lengths)
 
@@ -314,43 +299,13 @@ class Distillation(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.val_metrics.log_and_reset(self, "val", self.hparams.eval_num_samples)
 
-    def _sampling_params(self, max_new_tokens: int, temperature: float) -> SamplingParams:
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])}
-        return SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=sorted(e for e in eos if e is not None),
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-
-    def _generators(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator | list[torch.Generator]:
-        """One generator per prompt, seeded by (seed, the prompt's dataset index, step), as GRPO seeds its samples.
-
-        A prompt's sample then does not depend on the rank or batch that holds it: N ranks sample
-        what one process would, and a resumed run what the uninterrupted one would. A batch without
-        ``indices`` (another data module) gets the per-rank generator.
-        """
-        indices = batch.get("indices")
-        if indices is None:
-            return self._generator(batch_idx)
-        seeds = [((self.hparams.seed * 1_000_003 + int(i) + 1) * 1_000_003 + self.global_step) % 2**63 for i in indices]
-        return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
-
-    def _generator(self, batch_idx: int) -> torch.Generator:
-        # (seed, rank, step, batch): ranks sample differently and a resumed run samples as the uninterrupted one.
-        seed = ((self.hparams.seed * 1_000_003 + self.global_rank) * 1_000_003 + self.global_step) * 10_007 + batch_idx
-        return torch.Generator(device=self.device).manual_seed(seed % 2**63)
-
-    def _eval_generator(self, batch_idx: int) -> torch.Generator:
-        # Independent of training progress: every evaluation samples with the same seeds.
-        seed = self.hparams.seed * 1_000_003 + self.global_rank * 7919 + 10_000_000 + batch_idx
-        return torch.Generator(device=self.device).manual_seed(seed % 2**63)
+    def _sampling(self, max_new_tokens: int, temperature: float) -> SamplingParams:
+        return sampling_params(self.tokenizer, self.model, max_new_tokens, temperature)
 
     # ----------------------------------------------------------------- optimizer, checkpoints, export
     @override
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        total = total_training_steps(self.trainer)
-        return adamw_warmup_cosine(self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
+        return policy_optimizer(self)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -358,19 +313,18 @@ class Distillation(L.LightningModule):
         # A sharded (FSDP) checkpoint keeps it: its loader expects every key, and each rank writes 1/N of it.
         if not is_sharded(self):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-        save_rng_states(self, checkpoint)
+        save_training_state(self, checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the state dict is loaded (strictly): put the loaded teacher's weights back in.
         if self.teacher is not None and "state_dict" in checkpoint:  # a sharded checkpoint has loaded its state already
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        load_resume_state(self, checkpoint)
+        load_training_state(self, checkpoint)
 
     @override
     def on_fit_end(self) -> None:
-        if self.hparams.export_hf:
-            export_hf_model(self.trainer, self.model, self.tokenizer)
+        export_at_fit_end(self)
 
 
 def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_path: str, teacher_path: str) -> int:

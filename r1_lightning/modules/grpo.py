@@ -26,24 +26,36 @@ from r1_lightning.engines import HFGenerateEngine, Rollout, RolloutEngine, Sampl
 from r1_lightning.engines import compiled_forward
 from r1_lightning.errors import ConfigError
 from r1_lightning.evaluation import generate_and_score, raw_completions, scored_texts
-from r1_lightning.export import export_hf_model
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
-from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, total_training_steps
-from r1_lightning.parallel import check_backward_passes, clip_grad_norm, shard_for_strategy
-from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs, unwrap_model
-from r1_lightning.resume import load_resume_state, save_rng_states
+from r1_lightning.modules.grpo_options import (
+    check_component_options,
+    check_options,
+    check_sampling,
+    check_update_split,
+)
+from r1_lightning.modules.plumbing import (
+    PREDICT_STREAM,
+    EngineLifecycle,
+    SamplingSeeds,
+    export_at_fit_end,
+    load_frozen,
+    load_policy,
+    load_training_state,
+    policy_optimizer,
+    sampling_params,
+    save_training_state,
+)
+from r1_lightning.optim import check_optimizer_options, total_training_steps
+from r1_lightning.parallel import check_backward_passes, clip_grad_norm
+from r1_lightning.policy import LoraSettings, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
 from r1_lightning.rl.advantages import AdvantageEstimator, dynamic_sampling_mask, resolve_advantage_estimator
 from r1_lightning.rl.groups import per_completion, repeat_per_completion
 from r1_lightning.rl.kl import KLEstimator, KLPenalty
-from r1_lightning.rl.losses import AGGREGATIONS, ClippedLoss, PolicyLoss
+from r1_lightning.rl.losses import ClippedLoss, PolicyLoss
 from r1_lightning.rl.masked import masked_mean
 from r1_lightning.rl.sampler_correction import CorrectionLevel, CorrectionMode, sampler_weights
-
-
-# Sampling streams of `_prompt_generators` besides training's rollout steps (which count up from 0).
-EVAL_STREAM, PREDICT_STREAM = -1, -2
 
 
 @dataclass
@@ -209,19 +221,21 @@ class GRPO(L.LightningModule):
         super().__init__()
         objects = ["rewards", "kl_estimator", "rollout_engine", "policy_loss", "kl_penalty"]
         self.save_hyperparameters(ignore=objects + ([] if isinstance(advantage_estimator, str) else ["advantage_estimator"]))
-        _check_options(num_generations, beta, kl_placement, num_iterations, loss_aggregation, importance_level)
+        check_options(num_generations, beta, kl_placement, num_iterations, loss_aggregation, importance_level)
         self.advantage_estimator = resolve_advantage_estimator(advantage_estimator)
         self.policy_loss = policy_loss or ClippedLoss(epsilon, epsilon_high, importance_level, loss_aggregation)
         self.kl_penalty = kl_penalty or KLPenalty(kl_estimator, beta, kl_placement)
         if dynamic_sampling_max_draws < 0:
             raise ConfigError(f"dynamic_sampling_max_draws={dynamic_sampling_max_draws}: must be >= 0")
-        _check_component_options(
+        defaults = {name: p.default for name, p in inspect.signature(GRPO.__init__).parameters.items()}
+        check_component_options(
             dict(policy_loss=policy_loss, kl_penalty=kl_penalty),
             dict(epsilon=epsilon, epsilon_high=epsilon_high, importance_level=importance_level, loss_aggregation=loss_aggregation,
                  beta=beta, kl_estimator=kl_estimator, kl_placement=kl_placement),
+            defaults,
         )
-        _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
-        _check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
+        check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         if sampler_correction_threshold <= 0:
             raise ConfigError(f"sampler_correction_threshold={sampler_correction_threshold}: must be > 0")
@@ -235,6 +249,7 @@ class GRPO(L.LightningModule):
         self.val_metrics = ReasoningMetrics()
         self.rollout_step = 0  # batches of rollouts so far: seeds sampling, survives checkpoints
         self.guard = StepGuard(nonfinite)
+        self.seeds = SamplingSeeds(seed)
 
     # ----------------------------------------------------------------------------------- setup
     @override
@@ -242,50 +257,23 @@ class GRPO(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        kwargs = dict(vocab_size=len(self.tokenizer), dtype=hp.dtype, trust_remote_code=hp.trust_remote_code, seed=hp.seed)
-        self.model = load_model(hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **kwargs).train()
+        common = dict(
+            vocab_size=len(self.tokenizer), dtype=hp.dtype, trust_remote_code=hp.trust_remote_code, seed=hp.seed,
+            fsdp_param_dtype=hp.fsdp_param_dtype,
+        )
+        # Policy and reference sharded alike (FSDP2 only; DDP and FSDP wrap the module themselves).
+        self.model = load_policy(
+            self, hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **common
+        )
         if self.kl_penalty.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
-            self.ref_model = load_model(hp.model_name_or_path, **kwargs).eval().requires_grad_(False)
-        # FSDP2 only (DDP and FSDP wrap the module themselves): policy and reference sharded alike.
-        self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)
-        self.ref_model = shard_for_strategy(self, self.ref_model, hp.fsdp_param_dtype)
+            self.ref_model = load_frozen(self, hp.model_name_or_path, **common)
         if hp.compile and (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
             rank_zero_warn(f"GRPO(compile=True): the training forwards stay eager: {reason}")
 
     @override
-    def setup(self, stage: str) -> None:
-        # Checked before any model loads.
-        if stage == "fit" and self.hparams.num_generations < 2:
-            raise ConfigError(
-                f"num_generations={self.hparams.num_generations}: GRPO training needs >= 2 completions per prompt "
-                "(advantages are relative to the group: with 1 they are all 0 and nothing is learnt)"
-            )
-        # An engine whose length budget cannot hold a prompt and its completion.
-        longest = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "max_prompt_length", None)
-        if longest is not None:
-            hp = self.hparams
-            self.engine.check_lengths(longest, max(hp.max_new_tokens, hp.eval_max_new_tokens or 0))
-
-    # The engine starts once the policy is built and sharded, and stops with the stage.
-    @override
-    def on_fit_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_validation_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_test_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_predict_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def teardown(self, stage: str) -> None:
-        self.engine.teardown()
+    def configure_callbacks(self) -> list[L.Callback]:
+        hp = self.hparams
+        return [EngineLifecycle(self.engine, max(hp.max_new_tokens, hp.eval_max_new_tokens or 0))]
 
     def reference_context(self):
         """Context in which ``reference_model`` computes reference log-probs."""
@@ -300,28 +288,19 @@ class GRPO(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         hp, G = self.hparams, self.hparams.num_generations
         sync_seconds = self.engine.sync_weights(self.model)  # the weights of the last optimizer step
-        sampled, draws = self._sample(batch, self.rollout_step), 0
-        if hp.dynamic_sampling and hp.dynamic_sampling_max_draws > 0:  # DAPO: draw more until B groups have reward spread
-            draw = partial(self._draw, count=sampled.num_prompts)
-            sampled, draws = refill_informative_groups(
-                sampled, draw, self._reward_total, G, hp.dynamic_sampling_max_draws, self.tokenizer.pad_token_id
-            )
-        batch, rollout, texts, scores = sampled.batch, sampled.rollout, sampled.texts, sampled.scores
+        sampled, draws = self._sample_groups(batch)
+        rollout, scores = sampled.rollout, sampled.scores
         rewards = self._reward_total(scores).to(self.device)  # [B*G]
 
         inputs, target_mask, P = _training_inputs(rollout)
         completion_mask = rollout.completion_mask.bool()  # [B*G, T]
         ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if self.kl_penalty.beta > 0 else None
         metrics: dict[str, torch.Tensor] = {}
-        if ref_logprobs is not None and self.kl_penalty.placement == "reward":
+        if ref_logprobs is not None and self.kl_penalty.placement == "reward":  # PPO-style: β·KL off each sequence's reward
             penalty, kl_metrics = self.kl_penalty.reward_penalty(rollout.logprobs, ref_logprobs, completion_mask)
             rewards, metrics = rewards - penalty, {**metrics, **kl_metrics}
         advantages, adv_metrics = self.advantage_estimator(rewards, G)
-        loss_mask = completion_mask & ~rollout.truncated[:, None] if hp.mask_truncated else completion_mask
-        if hp.dynamic_sampling:
-            keep, keep_metrics = dynamic_sampling_mask(rewards, G)
-            loss_mask, metrics = loss_mask & per_completion(keep, G)[:, None], {**metrics, **keep_metrics}
-            metrics["dynamic_sampling_draws"] = torch.tensor(float(draws))
+        loss_mask, mask_metrics = self._loss_mask(rollout, rewards, draws)
         old_logprobs = self._old_logprobs(inputs, target_mask, P) if hp.num_iterations > 1 else None
 
         for _ in range(hp.num_iterations):
@@ -329,9 +308,33 @@ class GRPO(L.LightningModule):
         self.rollout_step += 1
         if sync_seconds is not None:
             metrics["weight_sync_s"] = torch.tensor(sync_seconds)
-        self._log_step(rollout, scores, rewards, {**metrics, **adv_metrics, **update_metrics})
-        record = RolloutBatch(rollout, texts, rewards.detach(), scores.scores, advantages, G)
+        self._log_step(rollout, scores, rewards, {**metrics, **mask_metrics, **adv_metrics, **update_metrics})
+        record = RolloutBatch(rollout, sampled.texts, rewards.detach(), scores.scores, advantages, G)
         return {"loss": update_metrics["loss"], "rollout": record}
+
+    def _sample_groups(self, batch: dict[str, Any]) -> tuple[SampledGroups, int]:
+        """This step's B groups of G scored completions, and the extra draws DAPO's over-sampling took to fill them."""
+        hp = self.hparams
+        sampled = self._sample(batch, self.rollout_step)
+        if not (hp.dynamic_sampling and hp.dynamic_sampling_max_draws > 0):
+            return sampled, 0
+        # DAPO: draw more prompts until B groups have reward spread.
+        draw = partial(self._draw, count=sampled.num_prompts)
+        return refill_informative_groups(
+            sampled, draw, self._reward_total, hp.num_generations, hp.dynamic_sampling_max_draws, self.tokenizer.pad_token_id
+        )
+
+    def _loss_mask(self, rollout: Rollout, rewards: torch.Tensor, draws: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The completion tokens the loss covers [B*G, T]: without truncated completions (DAPO's option) and flat groups
+        (dynamic sampling)."""
+        hp, G = self.hparams, self.hparams.num_generations
+        loss_mask = rollout.completion_mask.bool()
+        if hp.mask_truncated:
+            loss_mask = loss_mask & ~rollout.truncated[:, None]
+        if not hp.dynamic_sampling:
+            return loss_mask, {}
+        keep, metrics = dynamic_sampling_mask(rewards, G)
+        return loss_mask & per_completion(keep, G)[:, None], {**metrics, "dynamic_sampling_draws": torch.tensor(float(draws))}
 
     def _update(self, inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, sampler_logprobs) -> dict[str, torch.Tensor]:
         """One pass over the rollouts in mini-batches (one optimizer step each) of micro-batches."""
@@ -381,10 +384,12 @@ class GRPO(L.LightningModule):
     def _sample(self, batch: dict[str, Any], stream: int) -> SampledGroups:
         """G completions for each prompt of ``batch``, and their rewards."""
         G = self.hparams.num_generations
-        generators = self._prompt_generators(batch, stream) or self._generator()
+        generators = self.seeds.for_batch(batch, stream, self.global_rank, self.device)
         rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
+        # What rewards score: the completion with any <think> the chat template opened put back.
         texts = scored_texts(self._prompt_texts(batch), raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask), G)
-        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
+        columns = {k: repeat_per_completion(v, G) for k, v in batch["columns"].items()}
+        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **columns)
         return SampledGroups(batch, rollout, texts, scores)
 
     def _draw(self, draw: int, count: int) -> SampledGroups:
@@ -394,7 +399,7 @@ class GRPO(L.LightningModule):
             raise ConfigError(
                 f"dynamic_sampling_max_draws needs a data module with draw_prompts (PromptDataModule), not {type(data).__name__}"
             )
-        generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + self.rollout_step * 1_009 + draw) % (2**63))
+        generator = self.seeds.generator(self.rollout_step * 1_009 + draw)
         batch = data.draw_prompts(count, generator, self.global_rank, self.trainer.world_size)
         return self._sample(batch, self.rollout_step + draw * 10_000_019)  # a stream of its own for each draw
 
@@ -447,37 +452,12 @@ class GRPO(L.LightningModule):
         return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
 
     def sampling_params(self, evaluation: bool = False) -> SamplingParams:
+        """Training's (or with ``evaluation``, validation's) sampling settings; stops at every EOS id (``eos_token_ids``)."""
         hp = self.hparams
-        eos = {self.tokenizer.eos_token_id, *_as_list(getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))}
-        return SamplingParams(
-            max_new_tokens=(hp.eval_max_new_tokens or hp.max_new_tokens) if evaluation else hp.max_new_tokens,
-            temperature=hp.eval_temperature if evaluation else hp.temperature,
-            top_p=hp.top_p, top_k=hp.top_k, eos_token_ids=sorted(e for e in eos if e is not None), pad_token_id=self.tokenizer.pad_token_id,
-        )
-
-    def _prompt_generators(self, batch: dict[str, Any], stream: int) -> list[torch.Generator] | None:
-        """One generator per prompt, seeded by (seed, the prompt's dataset index, stream); None without ``indices``.
-
-        A prompt's G samples then do not depend on which rank or batch holds it: N ranks sample
-        exactly what one process would. Training passes ``rollout_step`` as the stream, so a resumed
-        run samples what the uninterrupted one would have; evaluation and predict pass constants.
-        """
-        indices = batch.get("indices")
-        if indices is None:
-            return None
-        return [self._seeded((int(index) + 1) * 1_000_033 + stream) for index in indices]
-
-    def _generator(self, offset: int = 0) -> torch.Generator:
-        # For batches without dataset indices: a seed from (seed, rank, step), so ranks differ and
-        # a resumed run samples what the uninterrupted run would have.
-        return self._seeded(self.global_rank * 7919 + self.rollout_step + offset)
-
-    def _eval_generator(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator | list[torch.Generator]:
-        # Independent of training progress: every evaluation of a run samples with the same seeds.
-        return self._prompt_generators(batch, EVAL_STREAM) or self._seeded(self.global_rank * 7919 + 10_000_000 + batch_idx)
-
-    def _seeded(self, offset: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed((self.hparams.seed * 1_000_003 + offset) % (2**63))
+        if evaluation:
+            max_new_tokens = hp.eval_max_new_tokens or hp.max_new_tokens
+            return sampling_params(self.tokenizer, self.model, max_new_tokens, hp.eval_temperature, hp.top_p, hp.top_k)
+        return sampling_params(self.tokenizer, self.model, hp.max_new_tokens, hp.temperature, hp.top_p, hp.top_k)
 
     def _log_step(self, rollout: Rollout, scores, rewards: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         lengths = rollout.completion_lengths.float()
@@ -526,7 +506,7 @@ class GRPO(L.LightningModule):
             )
         scored = generate_and_score(
             self.model, self.tokenizer, self.engine, batch["prompt_ids"], answers, self.sampling_params(evaluation=True),
-            self.hparams.eval_num_samples, self._eval_generator(batch, batch_idx),
+            self.hparams.eval_num_samples, self.seeds.evaluation(batch, batch_idx, self.global_rank, self.device),
         )
         self.val_metrics.update(scored.correct, scored.answers, scored.formatted, scored.reasoning_lengths)
 
@@ -547,12 +527,10 @@ class GRPO(L.LightningModule):
         """Rejection sampling: ``num_generations`` scored samples per prompt (see ``RejectionSamplingWriter``)."""
         G = self.hparams.num_generations
         # One generator per prompt, seeded by its dataset index: N ranks write exactly what one would.
-        generators = self._prompt_generators(batch, PREDICT_STREAM) or self._generator()
-        rollout = self.engine.generate(self.model, batch["prompt_ids"], G, self.sampling_params(), generators)
+        sampled = self._sample(batch, PREDICT_STREAM)
+        rollout, texts, scores = sampled.rollout, sampled.texts, sampled.scores  # texts: what rewards scored
         raw = raw_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)  # what SFT trains on
-        texts = scored_texts(self._prompt_texts(batch), raw, G)  # what rewards score (any <think> prefill restored)
         lengths, truncated = rollout.completion_lengths.tolist(), rollout.truncated.tolist()
-        scores = self.reward_set(texts, prompts=repeat_per_completion(batch["prompts"], G), **{k: repeat_per_completion(v, G) for k, v in batch["columns"].items()})
         return {
             "indices": batch["indices"], "prompts": batch["prompts"], "columns": batch["columns"], "num_generations": G,
             "completions": raw, "scored_texts": texts, "lengths": lengths, "truncated": truncated,
@@ -567,22 +545,19 @@ class GRPO(L.LightningModule):
         rows = hp.num_generations * getattr(getattr(self.trainer.datamodule, "hparams", None), "batch_size", 1)
         steps_per_batch = hp.num_iterations * -(-rows // (hp.mini_batch_size or rows))
         total = total_training_steps(self.trainer) if self.trainer.max_steps > 0 else total_training_steps(self.trainer) * steps_per_batch
-        return adamw_warmup_cosine(self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
+        return policy_optimizer(self, total)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["r1_rollout_step"] = self.rollout_step
-        save_rng_states(self, checkpoint)
+        save_training_state(self, checkpoint, self.rollout_step)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.rollout_step = checkpoint.get("r1_rollout_step", 0)
-        load_resume_state(self, checkpoint)
+        self.rollout_step = load_training_state(self, checkpoint)
 
     @override
     def on_fit_end(self) -> None:
-        if self.hparams.export_hf:
-            export_hf_model(self.trainer, self.model, self.tokenizer)
+        export_at_fit_end(self)
 
 
 def _training_inputs(rollout: Rollout) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
@@ -591,71 +566,3 @@ def _training_inputs(rollout: Rollout) -> tuple[dict[str, torch.Tensor], torch.T
     P = rollout.prompt_ids.shape[1]
     target_mask = torch.cat([torch.zeros_like(rollout.prompt_mask, dtype=torch.bool), rollout.completion_mask.bool()], dim=1)
     return inputs, target_mask, P
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples) -> None:
-    # Checked here, so a bad value fails before the run starts rather than at the first rollout.
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p}: must be in (0, 1]")
-    if top_k < 0:
-        raise ConfigError(f"top_k={top_k}: must be >= 0 (0 = off)")
-    if not eval_temperature >= 0:
-        raise ConfigError(f"eval_temperature={eval_temperature}: must be >= 0 (0 = greedy)")
-    if eval_num_samples < 1:
-        raise ConfigError(f"eval_num_samples={eval_num_samples}: must be >= 1")
-
-
-def _check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size) -> None:
-    if not epsilon >= 0:
-        raise ConfigError(f"epsilon={epsilon}: must be >= 0 (the clip range is [1 - epsilon, 1 + epsilon_high])")
-    if epsilon_high is not None and not epsilon_high >= 0:
-        raise ConfigError(f"epsilon_high={epsilon_high}: must be >= 0")
-    for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name}={value}: must be >= 1 completions (or unset: the whole batch)")
-
-
-def _check_options(num_generations, beta, kl_placement, num_iterations, loss_aggregation, importance_level) -> None:
-    if num_generations < 1:
-        raise ConfigError(f"num_generations={num_generations}: must be >= 1 (GRPO needs >= 2 for a non-zero advantage)")
-    if beta < 0:
-        raise ConfigError(f"beta={beta}: must be >= 0")
-    if kl_placement not in ("loss", "reward"):
-        raise ConfigError(f"kl_placement={kl_placement!r}: choose loss or reward")
-    if num_iterations < 1:
-        raise ConfigError(f"num_iterations={num_iterations}: must be >= 1")
-    if loss_aggregation not in AGGREGATIONS:
-        raise ConfigError(f"loss_aggregation={loss_aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
-    if importance_level not in ("token", "sequence"):
-        raise ConfigError(f"importance_level={importance_level!r}: choose token or sequence")
-
-
-# The constructor keys each component replaces: a component and a changed key together would ignore the key.
-_REPLACED_BY = {
-    "policy_loss": ("epsilon", "epsilon_high", "importance_level", "loss_aggregation"),
-    "kl_penalty": ("beta", "kl_estimator", "kl_placement"),
-}
-
-
-def _check_component_options(components: dict[str, Any], options: dict[str, Any]) -> None:
-    defaults = inspect.signature(GRPO.__init__).parameters
-    for component, keys in _REPLACED_BY.items():
-        given = components[component]
-        if given is None:
-            continue
-        changed = [key for key in keys if options[key] != defaults[key].default]
-        if changed:
-            raise ConfigError(
-                f"{component}={given!r} replaces {', '.join(changed)}: set {'them' if len(changed) > 1 else 'it'} "
-                f"in {component}'s init_args instead"
-            )

@@ -12,15 +12,23 @@ import lightning as L
 import torch
 from typing_extensions import override
 
-from r1_lightning.engines import HFGenerateEngine, RolloutEngine, SamplingParams
+from r1_lightning.engines import HFGenerateEngine, RolloutEngine
 from r1_lightning.evaluation import generate_and_score
-from r1_lightning.export import export_hf_model
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
-from r1_lightning.optim import adamw_warmup_cosine, check_optimizer_options, total_training_steps
-from r1_lightning.parallel import global_normalizer, shard_for_strategy
-from r1_lightning.policy import LoraSettings, load_model, load_tokenizer, token_logprobs
-from r1_lightning.resume import load_resume_state, save_rng_states
+from r1_lightning.modules.plumbing import (
+    EngineLifecycle,
+    SamplingSeeds,
+    export_at_fit_end,
+    load_policy,
+    load_training_state,
+    policy_optimizer,
+    sampling_params,
+    save_training_state,
+)
+from r1_lightning.optim import check_optimizer_options
+from r1_lightning.parallel import global_normalizer
+from r1_lightning.policy import LoraSettings, load_tokenizer, token_logprobs
 
 
 class PolicySFT(L.LightningModule):
@@ -83,45 +91,22 @@ class PolicySFT(L.LightningModule):
         self.engine = rollout_engine or HFGenerateEngine()
         self.val_metrics = ReasoningMetrics()
         self.guard = StepGuard(nonfinite)
+        self.seeds = SamplingSeeds(seed)
 
     @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
         hp = self.hparams
-        self.model = load_model(
-            hp.model_name_or_path, vocab_size=len(self.tokenizer), dtype=hp.dtype, gradient_checkpointing=hp.gradient_checkpointing,
-            lora=hp.lora, trust_remote_code=hp.trust_remote_code, seed=hp.seed,
-        ).train()  # from_pretrained returns eval mode
-        self.model = shard_for_strategy(self, self.model, hp.fsdp_param_dtype)  # FSDP2 only; DDP/FSDP wrap it themselves
+        self.model = load_policy(
+            self, hp.model_name_or_path, vocab_size=len(self.tokenizer), dtype=hp.dtype,
+            gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, trust_remote_code=hp.trust_remote_code, seed=hp.seed,
+            fsdp_param_dtype=hp.fsdp_param_dtype,
+        )
 
     @override
-    def setup(self, stage: str) -> None:
-        # Before any model loads: an engine whose length budget cannot hold a row and a generated answer.
-        longest = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "max_length", None)
-        if longest is not None:
-            self.engine.check_lengths(longest, self.hparams.eval_max_new_tokens)
-
-    # The rollout engine starts once the model is built and sharded, follows every optimizer step, stops with the stage.
-    @override
-    def on_fit_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_validation_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_test_start(self) -> None:
-        self.engine.setup(self.model)
-
-    @override
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.engine.mark_stale()  # the weights may have stepped: an engine with its own copy pushes them before sampling
-
-    @override
-    def teardown(self, stage: str) -> None:
-        self.engine.teardown()
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [EngineLifecycle(self.engine, self.hparams.eval_max_new_tokens)]
 
     def completion_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-mean negative log-likelihood of the completion tokens over all ranks' batches; returns (loss, token count)."""
@@ -152,12 +137,11 @@ class PolicySFT(L.LightningModule):
         loss, tokens = self.completion_loss(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=int(tokens), sync_dist=True)
         hp = self.hparams
-        params = SamplingParams(
-            max_new_tokens=hp.eval_max_new_tokens, temperature=hp.eval_temperature,
-            eos_token_ids=[self.tokenizer.eos_token_id], pad_token_id=self.tokenizer.pad_token_id,
+        params = sampling_params(self.tokenizer, self.model, hp.eval_max_new_tokens, hp.eval_temperature)
+        generators = self.seeds.evaluation(batch, batch_idx, self.global_rank, self.device)
+        scored = generate_and_score(
+            self.model, self.tokenizer, self.engine, batch["prompt_ids"], batch["answers"], params, hp.eval_num_samples, generators
         )
-        generator = torch.Generator(device=self.device).manual_seed(hp.seed + batch_idx)
-        scored = generate_and_score(self.model, self.tokenizer, self.engine, batch["prompt_ids"], batch["answers"], params, hp.eval_num_samples, generator)
         self.val_metrics.update(scored.correct, scored.answers, scored.formatted, scored.reasoning_lengths)
 
     @override
@@ -166,20 +150,16 @@ class PolicySFT(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        return adamw_warmup_cosine(
-            self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps, total_training_steps(self.trainer), hp.min_lr_ratio
-        )
+        return policy_optimizer(self)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_rng_states(self, checkpoint)
+        save_training_state(self, checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_resume_state(self, checkpoint)
+        load_training_state(self, checkpoint)
 
     @override
     def on_fit_end(self) -> None:
-        if self.hparams.export_hf:
-            export_hf_model(self.trainer, self.model, self.tokenizer)
+        export_at_fit_end(self)

@@ -45,3 +45,15 @@ def group_of(row: int, num_generations: int) -> int:
 def group_rows(group: int, num_generations: int) -> slice:
     """The rows of prompt `group`'s completions."""
     return slice(group * num_generations, (group + 1) * num_generations)
+
+
+def group_indices(group: int, num_generations: int) -> range:
+    """The row indices of prompt `group`'s completions (`group_rows` as a range)."""
+    rows = group_rows(group, num_generations)
+    return range(rows.start, rows.stop)
+
+
+def split_groups(values: list[T], num_generations: int) -> list[list[T]]:
+    """A per-completion list → one list per prompt: `[a1, a2, b1, b2]` with G=2 → `[[a1, a2], [b1, b2]]`."""
+    check_groups(len(values), num_generations, "a per-completion list")
+    return [values[group_rows(b, num_generations)] for b in range(len(values) // num_generations)]

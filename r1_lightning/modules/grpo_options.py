@@ -1,0 +1,70 @@
+"""GRPO's option checks: a bad value fails in one line before the run starts, not at the first rollout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from r1_lightning.errors import ConfigError
+from r1_lightning.rl.losses import AGGREGATIONS
+
+
+def check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples) -> None:
+    # Checked here, so a bad value fails before the run starts rather than at the first rollout.
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if not temperature >= 0:
+        raise ConfigError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p}: must be in (0, 1]")
+    if top_k < 0:
+        raise ConfigError(f"top_k={top_k}: must be >= 0 (0 = off)")
+    if not eval_temperature >= 0:
+        raise ConfigError(f"eval_temperature={eval_temperature}: must be >= 0 (0 = greedy)")
+    if eval_num_samples < 1:
+        raise ConfigError(f"eval_num_samples={eval_num_samples}: must be >= 1")
+
+
+def check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size) -> None:
+    if not epsilon >= 0:
+        raise ConfigError(f"epsilon={epsilon}: must be >= 0 (the clip range is [1 - epsilon, 1 + epsilon_high])")
+    if epsilon_high is not None and not epsilon_high >= 0:
+        raise ConfigError(f"epsilon_high={epsilon_high}: must be >= 0")
+    for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}={value}: must be >= 1 completions (or unset: the whole batch)")
+
+
+def check_options(num_generations, beta, kl_placement, num_iterations, loss_aggregation, importance_level) -> None:
+    if num_generations < 1:
+        raise ConfigError(f"num_generations={num_generations}: must be >= 1 (GRPO needs >= 2 for a non-zero advantage)")
+    if beta < 0:
+        raise ConfigError(f"beta={beta}: must be >= 0")
+    if kl_placement not in ("loss", "reward"):
+        raise ConfigError(f"kl_placement={kl_placement!r}: choose loss or reward")
+    if num_iterations < 1:
+        raise ConfigError(f"num_iterations={num_iterations}: must be >= 1")
+    if loss_aggregation not in AGGREGATIONS:
+        raise ConfigError(f"loss_aggregation={loss_aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+    if importance_level not in ("token", "sequence"):
+        raise ConfigError(f"importance_level={importance_level!r}: choose token or sequence")
+
+
+# The constructor keys each component replaces: a component and a changed key together would ignore the key.
+REPLACED_BY = {
+    "policy_loss": ("epsilon", "epsilon_high", "importance_level", "loss_aggregation"),
+    "kl_penalty": ("beta", "kl_estimator", "kl_placement"),
+}
+
+
+def check_component_options(components: dict[str, Any], options: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse a component given together with a changed constructor key it replaces (``defaults``: the constructor's)."""
+    for component, keys in REPLACED_BY.items():
+        given = components[component]
+        if given is None:
+            continue
+        changed = [key for key in keys if options[key] != defaults[key]]
+        if changed:
+            raise ConfigError(
+                f"{component}={given!r} replaces {', '.join(changed)}: set {'them' if len(changed) > 1 else 'it'} "
+                f"in {component}'s init_args instead"
+            )
