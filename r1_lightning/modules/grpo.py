@@ -253,6 +253,14 @@ class GRPO(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- setup
     @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.num_generations < 2:  # before the model loads
+            raise ConfigError(
+                f"num_generations={self.hparams.num_generations}: GRPO training needs >= 2 completions per prompt "
+                "(advantages are relative to the group: with 1 they are all 0 and nothing is learnt)"
+            )
+
+    @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
