@@ -34,6 +34,9 @@ class PromptDataModule(L.LightningDataModule):
         max_prompt_length: Most prompt tokens.
         overlong: A longer prompt is an ``error`` or is ``drop``-ped (counted, warned).
         system_prompt: Added as a system message to every prompt.
+        assistant_prefill: Text that opens the assistant's turn of every prompt (e.g. ``"<think>\\n"``
+            for a model whose template does not open the reasoning itself); rewards see the
+            completion with a trailing ``<think>`` put back.
         task: The built-in task (used when a path is ``None``).
         num_samples: Built-in training prompts.
         num_val_samples: Built-in held-out prompts.
@@ -55,6 +58,7 @@ class PromptDataModule(L.LightningDataModule):
         max_prompt_length: int = 512,
         overlong: Literal["error", "drop"] = "error",
         system_prompt: str | None = None,
+        assistant_prefill: str = "",
         task: ArithmeticTask | None = None,
         num_samples: int = 1024,
         num_val_samples: int = 64,
@@ -109,7 +113,7 @@ class PromptDataModule(L.LightningDataModule):
             prompt = row.pop(column, None)
             if not isinstance(prompt, (str, list)) or not prompt:
                 raise DataError(f"{source.row(index)}: column {column!r} must be a non-empty string or list of chat messages")
-            text = render_prompt(self.tokenizer, prompt, hp.system_prompt)
+            text = render_prompt(self.tokenizer, prompt, hp.system_prompt, hp.assistant_prefill)
             ids = encode_prompt(self.tokenizer, text)
             if len(ids) > hp.max_prompt_length:
                 if hp.overlong == "error":
