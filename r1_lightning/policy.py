@@ -227,7 +227,7 @@ def load_model(
     vocab_size: int | None = None,
     dtype: str = "auto",
     gradient_checkpointing: bool = False,
-    lora: LoraSettings | None = None,
+    lora: LoraSettings | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     seed: int = 0,
@@ -252,7 +252,8 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora is not None:
-        model = apply_lora(model, lora)
+        # The CLI saves hyper-parameters as parsed: a LoraSettings can arrive as a plain dict.
+        model = apply_lora(model, LoraSettings(**lora) if isinstance(lora, dict) else lora)
     return model
 
 
