@@ -158,9 +158,9 @@ class ColdStartDataModule(L.LightningDataModule):
             rank_zero_warn(f"{source}: dropped {dropped} samples longer than max_length={hp.max_length}")
         return examples
 
-    def _tokenize_conversation(self, row: dict[str, Any], where: str) -> dict[str, Any]:
+    def _tokenize_conversation(self, row: dict[str, Any], where: str) -> dict[str, Any] | None:
         """One conversation: ``prompt_ids`` up to its last assistant turn, that turn as ``completion_ids``,
-        and a ``loss_mask`` over both that marks every assistant turn."""
+        and a ``loss_mask`` over both that marks every assistant turn; None when dropped as over-long."""
         hp = self.hparams
         messages = conversation_messages(row[hp.messages_column], f"{where}: column {hp.messages_column!r}")
         if hp.system_prompt and messages[0]["role"] != "system":
