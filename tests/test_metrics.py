@@ -7,7 +7,7 @@ from math import comb
 import pytest
 import torch
 
-from r1_lightning.metrics import ReasoningMetrics, majority_index, pass_at_k
+from r1_lightning.metrics import ReasoningMetrics, majority_index, merge_equal_answers, pass_at_k
 
 
 @pytest.mark.parametrize(
@@ -114,3 +114,32 @@ def test_log_and_reset_logs_every_metric_once_and_nothing_when_empty():
     metrics.log_and_reset(Module(), "val", 2)
     assert logged == {"val/accuracy": (0.5, True), "val/maj@2": (1.0, False), "val/pass@2": (1.0, False), "val/format": (1.0, False)}
     assert metrics.format.update_count == 0  # reset
+
+
+@pytest.mark.parametrize(
+    "answers, equal_pairs, expected",
+    [
+        (["1/2", "3", "0.5"], {(0, 2)}, ["1/2", "3", "1/2"]),  # 0.5 joins 1/2's group, found first
+        (["3", "3", "4"], set(), ["3", "3", "4"]),  # identical strings are equal without asking
+        ([None, "0.5", "1/2"], {(1, 2)}, [None, "0.5", "0.5"]),  # None is no answer, in no group
+        # j is compared with the first member of each group only: (1, 2) equal but 2 already joined 0's group.
+        (["a", "b", "c"], {(0, 2), (1, 2)}, ["a", "b", "a"]),
+    ],
+)
+def test_merge_equal_answers(answers, equal_pairs, expected):
+    assert merge_equal_answers(answers, lambda i, j: (i, j) in equal_pairs) == expected
+
+
+def test_majority_vote_counts_answers_math_verify_finds_equal():
+    from r1_lightning.evaluation import group_equal_answers
+
+    # Prompt 1: 0.5, 1/2 and \frac{1}{2} are one answer with three votes against "3" (once, first seen):
+    # as strings every answer would have one vote and "3" would win the tie.
+    # Prompt 2: 2 and 2.0 are equal, 20 is not.
+    answers = ["3", "0.5", "1/2", "\\frac{1}{2}", "20", "2", "2.0", "20"]
+    grouped = group_equal_answers(answers, 4)
+    assert grouped == [["3", "0.5", "0.5", "0.5"], ["20", "2", "2", "20"]]
+    assert majority_index(grouped[0]) == 1 and majority_index(answers[:4]) == 0
+    metrics = ReasoningMetrics()
+    metrics.update([[0.0, 1.0, 1.0, 1.0]], grouped[:1], [[1.0] * 4])
+    assert metrics.compute(4)["maj@4"].item() == 1.0  # the string vote would pick "3": maj@4 = 0

@@ -265,3 +265,10 @@ def test_token_logprobs_equal_naive_log_softmax(builtin_tokenizer, temperature, 
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(grads[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lora_settings_given_as_a_dict_as_the_cli_saves_them():
+    # `--model.init_args.lora '{r: 4}'` reaches configure_model as a dict in the saved hyper-parameters.
+    model = load_model("builtin:tiny-small", lora={"r": 4, "alpha": 8})
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha) == (4, 8)

@@ -38,6 +38,9 @@ class PromptDataModule(L.LightningDataModule):
         max_prompt_length: Most prompt tokens.
         overlong: A longer prompt is an ``error`` or is ``drop``-ped (counted, warned).
         system_prompt: Added as a system message to every prompt.
+        assistant_prefill: Text that opens the assistant's turn of every prompt (e.g. ``"<think>\\n"``
+            for a model whose template does not open the reasoning itself); rewards see the
+            completion with a trailing ``<think>`` put back.
         task: The built-in task (used when a path is ``None``).
         num_samples: Built-in training prompts.
         num_val_samples: Built-in held-out prompts.
@@ -59,6 +62,7 @@ class PromptDataModule(L.LightningDataModule):
         max_prompt_length: int = 512,
         overlong: Literal["error", "drop"] = "error",
         system_prompt: str | None = None,
+        assistant_prefill: str = "",
         task: ArithmeticTask | None = None,
         num_samples: int = 1024,
         num_val_samples: int = 64,
@@ -115,7 +119,7 @@ class PromptDataModule(L.LightningDataModule):
         for index, row in enumerate(rows):
             prompt = row.pop(column, None)
             check_prompt(prompt, source.row(index), column)
-            text = render_prompt(self.tokenizer, prompt, hp.system_prompt)
+            text = render_prompt(self.tokenizer, prompt, hp.system_prompt, hp.assistant_prefill)
             ids = encode_prompt(self.tokenizer, text)
             if len(ids) > hp.max_prompt_length:
                 if hp.overlong == "error":

@@ -15,6 +15,11 @@ A cold-start sample looks like::
                 <answer>
                 432
                 </answer>
+
+``prompt_style="words"`` asks the same problems in English for pretrained models (a plain
+"What is 47 + 385?" or a one-line word problem), for example::
+
+    prompt:     A library has 385 books and gets 47 more. How many books does it have now?
 """
 
 from __future__ import annotations
@@ -40,18 +45,24 @@ class ArithmeticTask:
         max_digits: Most digits of an operand.
         operations: Operators to draw from, any of ``+`` and ``-``.
         seed: Changes every problem of every split.
+        prompt_style: ``compute`` ("Compute 47+385.", for the built-in character-level models) or
+            ``words`` (English questions and word problems, for pretrained models). The problems,
+            answers, worked solutions and held-out split are the same in both.
     """
 
     min_digits: int = 1
     max_digits: int = 2
     operations: str = "+-"
     seed: int = 0
+    prompt_style: Literal["compute", "words"] = "compute"
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
             raise ConfigError(f"task: need 1 <= min_digits <= max_digits, got {self.min_digits} and {self.max_digits}")
         if not self.operations or set(self.operations) - {"+", "-"}:
             raise ConfigError(f"task.operations={self.operations!r}: use a non-empty mix of '+' and '-'")
+        if self.prompt_style not in ("compute", "words"):
+            raise ConfigError(f"task.prompt_style={self.prompt_style!r}: choose compute or words")
 
     def rows(self, split: Split, num_samples: int) -> list[dict[str, str]]:
         """``num_samples`` rows ``{prompt, completion, answer}`` of one split, without repeats."""
@@ -70,7 +81,10 @@ class ArithmeticTask:
                 continue
             misses = 0
             seen.add((a, op, b))
-            rows.append(solve(a, op, b))
+            row = solve(a, op, b)
+            if self.prompt_style == "words":
+                row["prompt"] = word_problem(a, op, b)
+            rows.append(row)
         return rows
 
     def _draw(self, rng: random.Random) -> tuple[int, str, int]:
@@ -113,3 +127,33 @@ def solve(a: int, op: str, b: int) -> dict[str, str]:
     completion = "<think>\n" + "\n".join(lines) + "\n</think>\n<answer>\n" + answer + "\n</answer>"
     return {"prompt": f"Compute {a}{op}{b}.", "completion": completion, "answer": answer}
 
+
+
+# Word problems: (template for a + b, template for a - b); {a} is the larger operand of a subtraction.
+_WORDED = (
+    ("What is {a} + {b}?", "What is {a} - {b}?"),
+    ("Add {a} and {b}.", "Subtract {b} from {a}."),
+    (
+        "A library has {a} books and gets {b} more. How many books does it have now?",
+        "A library has {a} books and lends out {b} of them. How many books are left on the shelves?",
+    ),
+    (
+        "Sam has {a} marbles and finds {b} more. How many marbles does Sam have?",
+        "Sam has {a} marbles and gives {b} to a friend. How many marbles does Sam have left?",
+    ),
+    (
+        "A farm has {a} sheep and buys {b} more. How many sheep are on the farm?",
+        "A farm has {a} sheep and sells {b}. How many sheep are left on the farm?",
+    ),
+    (
+        "A train carries {a} passengers and {b} more get on. How many passengers are on the train?",
+        "A train carries {a} passengers and {b} get off. How many passengers are still on the train?",
+    ),
+)
+
+
+def word_problem(a: int, op: str, b: int) -> str:
+    """``a op b`` asked in English; the wording is a fixed function of the problem."""
+    digest = hashlib.sha256(f"words:{a}{op}{b}".encode()).digest()
+    addition, subtraction = _WORDED[digest[1] % len(_WORDED)]
+    return (addition if op == "+" else subtraction).format(a=a, b=b)

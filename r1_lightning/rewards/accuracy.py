@@ -139,6 +139,14 @@ class Accuracy(Reward):
             scores[i] = self._score(outcome)
         return scores
 
+    def equal_answers(self, pairs: list[tuple[str, str]]) -> list[bool]:
+        """For each ``(answer, other)``, whether math-verify finds them equal (``0.5``, ``1/2``, ``\\frac{1}{2}``).
+
+        Verified in the same worker processes as the rewards; a pair that fails or times out is not equal.
+        """
+        outcomes = self._get_pool().map([(other, answer) for answer, other in pairs], self.timeout) if pairs else []
+        return [outcome.status == "ok" and outcome.value == 1.0 for outcome in outcomes]
+
     def _score(self, outcome: Any) -> float | None | FailedScore:
         if outcome.status == "ok":
             return outcome.value
