@@ -128,7 +128,7 @@ class ColdStartDataModule(L.LightningDataModule):
             if hp.messages_column in row and hp.prompt_column not in row:
                 example = self._tokenize_conversation(row, source.row(index))
                 if example is not None:
-                    examples.append(example)
+                    examples.append({"index": index, **example})
                 continue
             prompt, completion = row.get(hp.prompt_column), row.get(hp.completion_column)
             check_prompt(prompt, source.row(index), hp.prompt_column)
