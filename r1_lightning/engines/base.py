@@ -198,6 +198,14 @@ def _cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def check_generate_request(engine: str, prompt_ids: list[list[int]], num_generations: int) -> None:
+    """The checks every engine's ``generate`` makes first: prompts with tokens, G >= 1."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError(f"{engine}.generate: every prompt needs at least one token")
+    if num_generations < 1:
+        raise ValueError(f"{engine}.generate: num_generations must be >= 1, got {num_generations}")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of `model`'s weights."""
     device = getattr(model, "device", None)

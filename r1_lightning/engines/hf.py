@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from r1_lightning.engines.base import (
-    Rollout, RolloutEngine, SamplingParams, cache_argument, left_pad, model_device, output_cache,
+    Rollout, RolloutEngine, SamplingParams, cache_argument, check_generate_request, left_pad, model_device, output_cache,
 )
 from r1_lightning.engines.fast_decode import fast_decode_step
 from r1_lightning.engines.kv_cache import preallocate
@@ -55,10 +55,7 @@ class HFGenerateEngine(RolloutEngine):
         params: SamplingParams,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Rollout:
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("HFGenerateEngine.generate: every prompt needs at least one token")
-        if num_generations < 1:
-            raise ValueError(f"HFGenerateEngine.generate: num_generations must be >= 1, got {num_generations}")
+        check_generate_request("HFGenerateEngine", prompt_ids, num_generations)
         device = model_device(model)
         generators = generator if isinstance(generator, (list, tuple)) else [generator]
         if isinstance(generator, (list, tuple)) and len(generator) != len(prompt_ids):

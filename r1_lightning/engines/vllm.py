@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from typing_extensions import override
 
-from r1_lightning.engines.base import Rollout, RolloutEngine, SamplingParams, left_pad, model_device
+from r1_lightning.engines.base import Rollout, RolloutEngine, SamplingParams, check_generate_request, left_pad, model_device
 from r1_lightning.errors import ConfigError
 from r1_lightning.rl.groups import per_completion
 
@@ -246,10 +246,7 @@ class VLLMEngine(RolloutEngine):
         params: SamplingParams,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Rollout:
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("VLLMEngine.generate: every prompt needs at least one token")
-        if num_generations < 1:
-            raise ValueError(f"VLLMEngine.generate: num_generations must be >= 1, got {num_generations}")
+        check_generate_request("VLLMEngine", prompt_ids, num_generations)
         self.sync_weights(model)
         limit = self.llm.llm_engine.model_config.max_model_len
         if (longest := max(map(len, prompt_ids))) + params.max_new_tokens > limit:
