@@ -400,6 +400,26 @@ def test_timeout_pool_kills_only_the_late_call():
         pool.close()
 
 
+def test_a_forked_copy_of_the_pool_owner_leaves_its_workers_alone():
+    # A process forked from the owner (a data-loader worker, a forked reward worker) runs the pool's exit
+    # finalizer when it exits; it must not kill the owner's workers (it did, then failed to join them).
+    pool = TimeoutPool(time.sleep, num_workers=1)
+    try:
+        pool.map([(0.0,)], timeout=30.0)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                pool.finalizer()
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert [o.status for o in pool.map([(0.0,)], timeout=30.0)] == ["ok"]
+    finally:
+        pool.close()
+
+
 def _crash_first_start(marker: str) -> None:
     # A worker's initializer that segfaults the first time only (the marker file remembers it).
     if not os.path.exists(marker):

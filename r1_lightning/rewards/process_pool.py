@@ -145,7 +145,9 @@ class _Worker:
         self.conn.close()
 
 
-def _kill_all(workers: list[_Worker]) -> None:
+def _kill_all(workers: list[_Worker], owner_pid: int | None = None) -> None:
+    if owner_pid is not None and os.getpid() != owner_pid:
+        return  # a forked copy of the owner exiting: the workers are the owner's children, not ours to kill
     for worker in workers:
         worker.kill()
     workers.clear()
@@ -191,7 +193,7 @@ class TimeoutPool:
         self._startup_timeout = startup_timeout
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
-        weakref.finalize(self, _kill_all, self._workers)
+        self.finalizer = weakref.finalize(self, _kill_all, self._workers, os.getpid())  # also runs at exit
 
     def map(self, args: Sequence[tuple], timeout: float) -> list[Outcome]:
         """Run `fn(*a)` for each `a` in `args`, each call limited to `timeout` seconds.
