@@ -373,6 +373,7 @@ def _batch_std_worker(rank: int, world_size: int, init_file: str, results: str) 
             first, lambda k: calls.append(k) or sampled([2.0] * 4, 10 * k), lambda s: s.total, 2, max_draws=3, pad_token_id=0
         )
         torch.save({"advantages": advantages, "normalizer": normalizer, "draws": (draws, calls)}, f"{results}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
 

@@ -274,6 +274,7 @@ def _lockstep_worker(rank: int, world_size: int, init_file: str, results: str) -
         model.train()
         model(**rollout.model_inputs()).logits.float().mean().backward()
         torch.save({"forwards": forwards, "rollout": rollout}, f"{results}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
 
