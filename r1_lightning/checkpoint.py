@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from r1_lightning.atomic import file_writer, remove_stray_temporaries
 from r1_lightning.errors import ConfigError
 from r1_lightning.parallel import is_sharded
 
@@ -59,23 +60,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def atomic_save(checkpoint: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, ``os.replace``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # makes the rename itself durable
-    finally:
-        os.close(directory)
+    """``torch.save`` to a temporary file beside ``path``, fsync, ``os.replace``, fsync the directory.
+
+    Temporaries left beside it by saves that were killed mid-write (their process is gone) are
+    removed first, so a preempted run's directory does not keep a stray copy per kill.
+    """
+    remove_stray_temporaries(path.parent)
+    with file_writer(path) as handle:
+        torch.save(checkpoint, handle)
 
 
 def load_checkpoint_file(path: Any, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path) -> None:
     trainer = L.Trainer(callbacks=[ModelCheckpoint(dirpath=path.parent)], **QUIET)
     assert resolve_checkpoint(trainer, "last") == str(path)
     assert load_checkpoint_file(path)["global_step"] == 1  # the old checkpoint, whole
+    atomic_save({"global_step": 3, "state_dict": {"w": torch.zeros(3)}}, path)  # the resumed run's next save
+    assert not partial.exists() and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # the dead writer's copy is gone
 
 
 def test_last_skips_a_truncated_checkpoint_and_names_the_one_it_resumes(tmp_path, caplog) -> None:
