@@ -11,6 +11,7 @@ Variants (Dr. GRPO, DAPO, GSPO, RLOO, CISPO, SAPO, ...) are components chosen by
 from __future__ import annotations
 
 import inspect
+import time
 from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from r1_lightning.dynamic_sampling import SampledGroups, refill_informative_groups
@@ -159,9 +160,11 @@ class GRPO(L.LightningModule):
             the weights' dtype. The reference model is sharded the same way. See ``r1_lightning.parallel``.
         compile: Run the policy's and reference's training forwards through ``torch.compile``d
             decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.engines.compiled_forward``): on the
-            benchmark's tiny model 10-20% less time per step, after a one-time compile in the first
-            step (~20 s with inductor's on-disk cache warm, 1-2 min cold), so it pays over a few hundred
-            steps. Needs a C++ compiler; where it does not apply or fails, a warning and the eager forward.
+            benchmark's tiny model 10-20% less time per step, after a one-time compile (~20 s with
+            inductor's on-disk cache warm, 1-2 min cold). ``auto`` (default): decide after the first step
+            of the process, from its measured time and the steps left (``compiled_forward.compile_pays``;
+            one log line either way); ``True``: from the first step; ``False``: never. Needs a C++
+            compiler; where it does not apply or fails, a warning and the eager forward.
     """
 
     def __init__(
@@ -216,7 +219,7 @@ class GRPO(L.LightningModule):
         export_hf: bool = True,
         seed: int = 0,
         fsdp_param_dtype: str | None = None,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         objects = ["rewards", "kl_estimator", "rollout_engine", "policy_loss", "kl_penalty"]
@@ -237,6 +240,10 @@ class GRPO(L.LightningModule):
         check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
         check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
+        if compile not in (True, False, "auto"):
+            raise ConfigError(f"compile={compile!r}: choose true, false or auto")
+        self._compile_now = compile is True  # with "auto": decided after this process's first step
+        self._compile_decided = compile != "auto"
         if sampler_correction_threshold <= 0:
             raise ConfigError(f"sampler_correction_threshold={sampler_correction_threshold}: must be > 0")
         self.automatic_optimization = False
@@ -275,7 +282,7 @@ class GRPO(L.LightningModule):
         )
         if self.kl_penalty.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
             self.ref_model = load_frozen(self, hp.model_name_or_path, **common)
-        if hp.compile and (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
+        if hp.compile is True and (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
             rank_zero_warn(f"GRPO(compile=True): the training forwards stay eager: {reason}")
 
     @override
@@ -302,6 +309,7 @@ class GRPO(L.LightningModule):
 
         inputs, target_mask, P = _training_inputs(rollout)
         completion_mask = rollout.completion_mask.bool()  # [B*G, T]
+        training_start, steps_before = time.perf_counter(), self.trainer.global_step
         ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if self.kl_penalty.beta > 0 else None
         metrics: dict[str, torch.Tensor] = {}
         if ref_logprobs is not None and self.kl_penalty.placement == "reward":  # PPO-style: β·KL off each sequence's reward
@@ -313,12 +321,35 @@ class GRPO(L.LightningModule):
 
         for _ in range(hp.num_iterations):
             update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs)
+        if not self._compile_decided:
+            self._decide_compile(time.perf_counter() - training_start, max(self.trainer.global_step - steps_before, 1))
         self.rollout_step += 1
         if sync_seconds is not None:
             metrics["weight_sync_s"] = torch.tensor(sync_seconds)
         self._log_step(rollout, scores, rewards, {**metrics, **mask_metrics, **adv_metrics, **update_metrics})
         record = RolloutBatch(rollout, sampled.texts, rewards.detach(), scores.scores, advantages, G)
         return {"loss": update_metrics["loss"], "rollout": record}
+
+    def _decide_compile(self, training_seconds: float, steps_per_batch: int) -> None:
+        """``compile="auto"``, after this process's first step: compile the training forwards from the next step
+        if it pays over the steps left (``compiled_forward.compile_pays``); one log line either way."""
+        self._compile_decided = True
+        head = "GRPO(compile='auto'): the training forwards"
+        if (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
+            rank_zero_info(f"{head} stay eager: {reason}")
+            return
+        remaining = (self.trainer.estimated_stepping_batches - self.trainer.global_step) / steps_per_batch
+        saving = compiled_forward.AUTO_COMPILE_SAVING * training_seconds * remaining
+        self._compile_now = compiled_forward.compile_pays(training_seconds, remaining)
+        estimate = (
+            f"took {training_seconds:.1f} s in the first step; ~{compiled_forward.AUTO_COMPILE_SAVING:.0%} of that over "
+            f"{remaining:.0f} more steps is {saving:.0f} s against a one-time compile of up to "
+            f"~{compiled_forward.AUTO_COMPILE_COST_S:.0f} s"
+        )
+        if self._compile_now:
+            rank_zero_info(f"{head} are compiled from the next step (a one-time cost in that step): they {estimate}")
+        else:
+            rank_zero_info(f"{head} stay eager (compile: true forces compiling): they {estimate}")
 
     def _sample_groups(self, batch: dict[str, Any]) -> tuple[SampledGroups, int]:
         """This step's B groups of G scored completions, and the extra draws DAPO's over-sampling took to fill them."""
@@ -452,7 +483,7 @@ class GRPO(L.LightningModule):
         logprobs, entropy = token_logprobs(
             model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
             temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, return_entropy=return_entropy, prompt_length=P,
-            compile=self.hparams.compile,
+            compile=self._compile_now,
         )
         return logprobs[:, P:], None if entropy is None else entropy[:, P:]
 
