@@ -76,9 +76,10 @@ class PhaseClock:
     """
 
     def __init__(self, device: str) -> None:
-        self.device, self.steps = device, []
+        self.device, self.steps, self.cpu_steps = device, [], []
         self._current: dict[str, float] = defaultdict(float)
-        self._stack: list[list[float]] = []  # [start, seconds of the phases inside]
+        self._cpu: dict[str, float] = defaultdict(float)
+        self._stack: list[list[float]] = []  # [start, CPU start, seconds and CPU seconds of the phases inside]
 
     def wrap(self, owner, name: str, phase: str | Callable[..., str]) -> None:
         """Time every call of ``owner.name`` (a method, replaced on the instance) as ``phase`` (or ``phase(*args)``)."""
@@ -86,33 +87,36 @@ class PhaseClock:
 
         def timed(*args, **kwargs):
             label = phase(*args, **kwargs) if callable(phase) else phase
-            self._stack.append([time.perf_counter(), 0.0])
+            self._stack.append([time.perf_counter(), time.process_time(), 0.0, 0.0])
             try:
                 return original(*args, **kwargs)
             finally:
                 sync(self.device)
-                start, inner = self._stack.pop()
-                elapsed = time.perf_counter() - start
+                start, cpu_start, inner, cpu_inner = self._stack.pop()
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 self._current[label] += elapsed - inner
+                self._cpu[label] += cpu - cpu_inner
                 if self._stack:
-                    self._stack[-1][1] += elapsed
+                    self._stack[-1][2] += elapsed
+                    self._stack[-1][3] += cpu
 
         setattr(owner, name, timed)
 
-    def end_step(self, step_seconds: float) -> None:
-        phases = {name: self._current.get(name, 0.0) for name in PHASES if name != "other"}
-        phases["other"] = step_seconds - sum(phases.values())
-        self.steps.append({k: round(v, 4) for k, v in phases.items()})
-        self._current.clear()
+    def end_step(self, step_seconds: float, step_cpu_seconds: float) -> None:
+        for record, current, total in ((self.steps, self._current, step_seconds), (self.cpu_steps, self._cpu, step_cpu_seconds)):
+            phases = {name: current.get(name, 0.0) for name in PHASES if name != "other"}
+            phases["other"] = total - sum(phases.values())
+            record.append({k: round(v, 4) for k, v in phases.items()})
+            current.clear()
 
 
 def step_summary(
-    times: list[float], tokens: list[int], completion_tokens: list[int], warmup: int, cpu_times: list[float], phases: list[dict]
+    times: list[float], tokens: list[int], completion_tokens: list[int], warmup: int, cpu_times: list[float], clock: PhaseClock
 ) -> dict:
     """Wall-clock step times are what a user waits; process CPU seconds per step are the same work with the
     time other jobs held the CPU left out (one thread: equal to wall-clock on an idle machine)."""
     t, n, c, cpu = times[warmup:], tokens[warmup:], completion_tokens[warmup:], cpu_times[warmup:]
-    measured = phases[warmup:]
+    phases, measured, cpu_measured = clock.steps, clock.steps[warmup:], clock.cpu_steps[warmup:]
     return {
         "s_per_step": statistics.median(t),
         "tokens_per_s": sum(n) / sum(t),
@@ -123,9 +127,11 @@ def step_summary(
         "cpu_s_per_step": statistics.median(cpu),
         "tokens_per_cpu_s": sum(n) / sum(cpu),
         "phases_s": {name: statistics.median(p[name] for p in measured) for name in PHASES} if measured else {},
+        "phases_cpu_s": {name: statistics.median(p[name] for p in cpu_measured) for name in PHASES} if measured else {},
         "step_times": [round(x, 4) for x in times],
         "step_cpu_times": [round(x, 4) for x in cpu_times],
         "step_tokens": tokens,
         "step_completion_tokens": completion_tokens,
         "step_phases": phases,
+        "step_phases_cpu": clock.cpu_steps,
     }

@@ -25,6 +25,7 @@ def aggregate(runs: list[dict]) -> dict:
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in done)
     out["rss_at_first_step_mib"] = statistics.median(r["rss_at_first_step_mib"] for r in done)
     out["phases_s"] = {p: statistics.median(r["phases_s"][p] for r in done) for p in PHASES}
+    out["phases_cpu_s"] = {p: statistics.median(r["phases_cpu_s"][p] for r in done) for p in PHASES}
     if "peak_cuda_mib" in done[0]:
         out["peak_cuda_mib"] = max(r["peak_cuda_mib"] for r in done)
     out["out_of_memory_runs"] = len(runs) - len(done)
@@ -85,12 +86,14 @@ def table(result: dict) -> str:
 
 
 def phase_table(result: dict) -> str:
-    """Median seconds per phase of a measured step, both systems."""
+    """Median wall-clock and CPU seconds per phase of a measured step, both systems."""
     ours, trl = result["ours"], result["trl"]
-    lines = [f"{'phase (s / step, median)':32s}{'ours':>14s}{'TRL':>14s}", "-" * 60]
+    lines = [f"{'phase (median per step)':24s}{'ours s':>10s}{'TRL s':>10s}{'ours CPU-s':>12s}{'TRL CPU-s':>12s}", "-" * 68]
     for phase in PHASES:
-        cells = ["" if s.get("out_of_memory") else f"{s['phases_s'][phase]:.3f}" for s in (ours, trl)]
-        lines.append(f"{phase:32s}{cells[0]:>14s}{cells[1]:>14s}")
+        cells = [
+            "" if s.get("out_of_memory") else f"{s[key][phase]:.3f}" for key in ("phases_s", "phases_cpu_s") for s in (ours, trl)
+        ]
+        lines.append(f"{phase:24s}{cells[0]:>10s}{cells[1]:>10s}{cells[2]:>12s}{cells[3]:>12s}")
     return "\n".join(lines)
 
 

@@ -207,7 +207,7 @@ def run_ours(args) -> None:
             sync(args.device)
             now, cpu_now = time.perf_counter(), time.process_time()
             self.times.append(now - self.last)
-            clock.end_step(now - self.last)
+            clock.end_step(now - self.last, cpu_now - self.cpu_last)
             self.cpu_times.append(cpu_now - self.cpu_last)
             self.last, self.cpu_last = now, cpu_now
             rollout = outputs["rollout"].rollout
@@ -244,7 +244,7 @@ def run_ours(args) -> None:
         callbacks=[timer], default_root_dir=str(work / "ours_run"),
     )
     trainer.fit(module, datamodule=data)
-    summary = step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup, timer.cpu_times, clock.steps)
+    summary = step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup, timer.cpu_times, clock)
     from r1_lightning.engines.compiled_forward import ran_compiled
 
     result = {"system": "ours", **summary, **memory.stop(), "compiled": ran_compiled()}
@@ -280,7 +280,7 @@ def run_trl(args) -> None:
             sync(args.device)
             now, cpu_now = time.perf_counter(), time.process_time()
             self.times.append(now - self.last)
-            clock.end_step(now - self.last)
+            clock.end_step(now - self.last, cpu_now - self.cpu_last)
             self.cpu_times.append(cpu_now - self.cpu_last)
             self.tokens.append(int(state.num_input_tokens_seen - self.seen))  # prompt + completion tokens
             self.last, self.seen, self.cpu_last = now, state.num_input_tokens_seen, cpu_now
@@ -319,7 +319,7 @@ def run_trl(args) -> None:
     clock.wrap(trainer, "_get_per_token_logps_and_entropies", logprob_phase)
     clock.wrap(trainer.accelerator, "backward", "backward")
     trainer.train()
-    summary = step_summary(timer.times, timer.tokens, completion_tokens.per_step, args.warmup, timer.cpu_times, clock.steps)
+    summary = step_summary(timer.times, timer.tokens, completion_tokens.per_step, args.warmup, timer.cpu_times, clock)
     result = {"system": "trl", **summary, **memory.stop()}
     if args.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -456,6 +456,7 @@ def _run_pairs(args, systems: list[str], label: str = "") -> dict[str, list[dict
                 flush=True,
             )
             print("    phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in run["phases_s"].items()), flush=True)
+            print("    phases (CPU-s): " + ", ".join(f"{k} {v:.2f}" for k, v in run["phases_cpu_s"].items()), flush=True)
     return runs
 
 

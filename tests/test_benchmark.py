@@ -38,6 +38,8 @@ def test_quick_benchmark_prints_a_parsable_json_summary(tmp_path):
         for run in result[system]["runs"]:
             for phases, step in zip(run["step_phases"], run["step_times"]):
                 assert set(phases) == set(PHASES) and phases["other"] > -0.01 and abs(sum(phases.values()) - step) < 1e-3
+            for phases, step in zip(run["step_phases_cpu"], run["step_cpu_times"]):
+                assert set(phases) == set(PHASES) and abs(sum(phases.values()) - step) < 1e-3
             assert run["phases_s"]["generation"] > 0 and run["phases_s"]["backward"] > 0 and run["phases_s"]["reference"] > 0
     # Identical work: same prompts per step, G and token budget on both sides.
     assert result["config"]["quick"] and result["config"]["prompts"] * result["config"]["num_generations"] == 64
@@ -63,7 +65,7 @@ def test_a_run_past_the_memory_cap_stops_and_reports_out_of_memory():
 def test_length_sweep_table_and_plot_show_an_out_of_memory_point(tmp_path):
     def run(seconds: float, rss: float) -> dict:
         return {"s_per_step": seconds, "completion_tokens_per_s": 100 / seconds, "peak_rss_mib": rss,
-                "phases_s": dict.fromkeys(PHASES, seconds / len(PHASES))}
+                "phases_s": dict.fromkeys(PHASES, seconds / len(PHASES)), "phases_cpu_s": dict.fromkeys(PHASES, 0.1)}
 
     sweep = []
     for length, ours, trl in ((256, run(1.0, 1000), run(2.0, 3000)), (512, run(2.0, 1500), {"out_of_memory": True, "cap_gib": 9.0})):

@@ -30,10 +30,12 @@ from r1_lightning.evaluation import generate_and_score, raw_completions, scored_
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
 from r1_lightning.modules.grpo_options import (
+    activation_bytes_per_token,
     check_component_options,
     check_options,
     check_sampling,
     check_update_split,
+    default_micro_batch,
 )
 from r1_lightning.modules.plumbing import (
     PREDICT_STREAM,
@@ -48,7 +50,7 @@ from r1_lightning.modules.plumbing import (
     save_training_state,
 )
 from r1_lightning.optim import check_optimizer_options, total_training_steps
-from r1_lightning.parallel import check_backward_passes, clip_grad_norm
+from r1_lightning.parallel import check_backward_passes, clip_grad_norm, is_sharded
 from r1_lightning.policy import LoraSettings, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
 from r1_lightning.rl.advantages import AdvantageEstimator, dynamic_sampling_mask, resolve_advantage_estimator
@@ -105,7 +107,9 @@ class GRPO(L.LightningModule):
             and no extra forward computes π_old.
         mini_batch_size: Completions per optimizer step (default: all B·G of a batch).
         micro_batch_size: Completions per forward/backward (gradient accumulation within a
-            mini-batch; default ``mini_batch_size``).
+            mini-batch). Default: the whole mini-batch, or where its activations would pass ~1 GiB
+            (a 135M model at 32 x 128 tokens) as many whole groups (else completions) as fit, in one
+            process with an aggregation the split cannot change (``grpo_options.default_micro_batch``).
         advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``
             (group mean, std of the global batch) or ``rloo`` (leave-one-out), or an
             ``r1_lightning.rl.advantages.AdvantageEstimator`` (``class_path``).
@@ -380,7 +384,7 @@ class GRPO(L.LightningModule):
         hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
         rows = advantages.shape[0]
         mini = hp.mini_batch_size or rows
-        micro = min(hp.micro_batch_size or mini, mini)
+        micro = min(hp.micro_batch_size or self._default_micro_batch(mini, inputs["input_ids"].shape[1] - P), mini)
         check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows, mini):
@@ -419,6 +423,20 @@ class GRPO(L.LightningModule):
             self.engine.mark_stale()  # an engine with its own copy of the weights pushes them before the next rollout
         num_minibatches = -(-rows // mini)
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
+
+    def _default_micro_batch(self, mini: int, row_tokens: int) -> int:
+        """Without ``micro_batch_size``: the whole mini-batch in one forward, unless its activations would pass
+        ``ACTIVATION_BUDGET_BYTES`` (then whole groups, ``default_micro_batch``). Only where the split cannot change the
+        loss: one process, no FSDP1, and an aggregation over the whole mini-batch."""
+        loss = self.policy_loss
+        if (
+            self.trainer.world_size > 1 or is_sharded(self) or getattr(loss, "aggregation", "bnpo") == "bnpo"
+            or getattr(loss, "top_entropy_quantile", 1.0) < 1.0
+        ):
+            return mini
+        model = unwrap_model(self.model)
+        per_token = activation_bytes_per_token(model.config, next(model.parameters()).element_size())
+        return mini if per_token is None else default_micro_batch(mini, self.hparams.num_generations, row_tokens, per_token)
 
     def _sample(self, batch: dict[str, Any], stream: int) -> SampledGroups:
         """G completions for each prompt of ``batch``, and their rewards."""
