@@ -107,7 +107,7 @@ class GRPO(L.LightningModule):
             and no extra forward computes π_old.
         mini_batch_size: Completions per optimizer step (default: all B·G of a batch).
         micro_batch_size: Completions per forward/backward (gradient accumulation within a
-            mini-batch). Default: the whole mini-batch, or where its activations would pass ~1 GiB
+            mini-batch). Default: the whole mini-batch, or where its activations would pass ~2 GiB
             (a 135M model at 32 x 128 tokens) as many whole groups (else completions) as fit, in one
             process with an aggregation the split cannot change (``grpo_options.default_micro_batch``).
         advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``

@@ -71,7 +71,7 @@ def check_component_options(components: dict[str, Any], options: dict[str, Any],
 
 
 # Without `micro_batch_size`: the activations one forward keeps for its backward stay under about this much.
-ACTIVATION_BUDGET_BYTES = 1 << 30
+ACTIVATION_BUDGET_BYTES = 2 << 30
 
 
 def activation_bytes_per_token(config: Any, dtype_bytes: int) -> int | None:
