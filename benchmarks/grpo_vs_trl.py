@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-generation", action="store_true", help="skip the rollout-engine vs model.generate timing")
     p.add_argument("--compile", default="default", choices=["default", "on", "off"],
                    help="our GRPO(compile=...): default leaves the project's default (auto), on/off force it")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
     p.add_argument("--trl-compile", action="store_true", help="TRL with its torch_compile option (compiles the whole model)")
     p.add_argument("--memory-cap-gib", type=float, default=9.0,
                    help="a run past this resident memory stops and is reported as out of memory (default 9)")
