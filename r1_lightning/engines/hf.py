@@ -83,7 +83,7 @@ class HFGenerateEngine(RolloutEngine):
         # Outside inference mode these ops turn inference tensors into normal ones, which
         # autograd accepts as inputs (embedding indices, masks) in the training step.
         eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
-        completion_ids = torch.stack(tokens, dim=1)  # [N, T]
+        completion_ids = tokens.clone()  # [N, T]
         is_eos = torch.isin(completion_ids, eos)
         completion_mask = ((is_eos.cumsum(-1) - is_eos.long()) == 0).long()  # no EOS strictly before
         return Rollout(
@@ -91,7 +91,7 @@ class HFGenerateEngine(RolloutEngine):
             prompt_mask=per_completion(prompt_mask, num_generations),
             completion_ids=completion_ids,
             completion_mask=completion_mask,
-            logprobs=torch.stack(logprobs, dim=1),
+            logprobs=logprobs.clone(),
             truncated=~finished,
         )
 
@@ -103,8 +103,8 @@ def _decode(
     num_generations: int,
     params: SamplingParams,
     generator: torch.Generator | None,
-) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """The decode loop. Returns per-step tokens `[N]`, log-probs `[N]`, and `finished` `[N]`."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The decode loop. Returns tokens `[N, T']`, log-probs `[N, T']` (T' the steps taken), and `finished` `[N]`."""
     B, P = prompt_ids.shape
     G, T = num_generations, params.max_new_tokens
     N = B * G
@@ -135,13 +135,16 @@ def _decode(
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     rows = torch.arange(N, device=device)  # the rows of the full batch still in the decode batch
-    tokens, logprobs = [], []
+    # Written in place, one column a step: a list of small per-step tensors kept between the step's large transient
+    # ones fragmented the heap (RSS grew ~0.5 MB a step at a 151,936-token vocabulary).
+    tokens = torch.full((N, T), params.pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, T, dtype=torch.float32, device=device)
     for t in range(T):
         sampled, logprob = sample_next_token(logits.float(), params, generator, rows if len(rows) < N else None, N)
-        token = torch.full((N,), params.pad_token_id, dtype=torch.long, device=device).index_copy_(0, rows, sampled)
-        token = token.masked_fill(finished, params.pad_token_id)
-        tokens.append(token)
-        logprobs.append(torch.zeros(N, dtype=logprob.dtype, device=device).index_copy_(0, rows, logprob).masked_fill(finished, 0.0))
+        running = ~finished[rows]
+        tokens[rows, t] = sampled.masked_fill(~running, params.pad_token_id)
+        logprobs[rows, t] = logprob.masked_fill(~running, 0.0)
+        token = tokens[:, t]
         finished = finished | torch.isin(token, eos)
         if t == T - 1 or not any_rank_running(~finished):
             break
@@ -165,7 +168,7 @@ def _decode(
             )
             logits = out.logits[:, -1]
         next_position = next_position + 1
-    return tokens, logprobs, finished
+    return tokens[:, : t + 1], logprobs[:, : t + 1], finished
 
 
 def _decode_mask(model: nn.Module, attention_mask: Tensor) -> Tensor:
