@@ -1,7 +1,7 @@
 """Side-by-side benchmark: r1-lightning's GRPO against Hugging Face TRL's GRPOTrainer.
 
-Both systems do exactly the same work: the same model directory (one tiny Qwen2-shaped model
-built here), the same prompts in the same order, G completions per prompt, prompts per step,
+Both systems do exactly the same work: the same model directory (a tiny Qwen2-shaped model
+built here, or with ``--workload real`` the packaged SmolLM2-135M-Instruct), the same prompts in the same order, G completions per prompt, prompts per step,
 prompt/completion lengths, temperature, β, μ = 1, AdamW (lr, betas, weight decay, grad
 clipping), number of steps and device, and the same plain reward function. Ours runs through a
 real ``lightning.Trainer``, TRL through its real ``GRPOTrainer``. Each run is its own
@@ -12,81 +12,110 @@ Measured per run: seconds per step (median after warm-up; a callback on each sid
 boundaries), tokens per second (prompt + completion tokens processed, summed over the measured
 steps, divided by their time: the measure verl and NeMo-RL report), and peak resident memory
 (the kernel's high-water mark, ``ru_maxrss``, cross-checked by a psutil sampler). A separate
-subprocess times our rollout engine against plain ``model.generate`` on the same batch.
+subprocess times our rollout engine against plain ``model.generate`` on the same batch. Each step is
+also split into phases (generation, rewards, reference log-probs, policy forward, backward,
+optimizer, weight sync, other) by timed wrappers around each system's own methods
+(``bench_common.PhaseClock``). A run past ``--memory-cap-gib`` of resident memory stops and is
+reported as out of memory.
 
 Usage::
 
     python benchmarks/grpo_vs_trl.py                    # default tiny config, 3 rounds (~3 min)
     python benchmarks/grpo_vs_trl.py --vocab 151936     # Qwen-sized vocabulary: the logits cost (~12 min)
     python benchmarks/grpo_vs_trl.py --quick            # CI-sized (under a minute)
+    python benchmarks/grpo_vs_trl.py --workload real    # SmolLM2-135M, 4 prompts x 8, 128 tokens, 5 pairs (hours on 1 core)
+    python benchmarks/grpo_vs_trl.py --vocab 151936 --lengths 256,512,1024,2048   # cost growth, forced lengths, plot
+    python benchmarks/grpo_vs_trl.py --workload real --lengths 128,256,512
     python benchmarks/grpo_vs_trl.py --device cuda      # GPU machines
 
 Both sides run with ``torch.set_num_threads(--threads)`` (default 1; see benchmarks/README.md).
 
 The last line printed is one JSON object (``{"config", "machine", "ours", "trl", "ratios",
-"generation", "targets"}``). Needs the ``bench`` extra: ``pip install -e '.[bench]'``.
+"generation", "targets"}``; with ``--lengths``: ``{"config", "machine", "lengths", "plot"}``). Needs the ``bench`` extra: ``pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-RESULT_PREFIX = "BENCH_RESULT "
+import bench_report as report
+from bench_common import OUT_OF_MEMORY_EXIT, RESULT_PREFIX, PeakMemory, PhaseClock, emit, step_summary, sync
+
 SYSTEMS = ("ours", "trl")
+REAL_MODEL = "builtin:smollm2-135m-instruct"
 
 
 # ----------------------------------------------------------------------------------- shared
 def digit_reward(completions, **kwargs):
-    """Fraction of digit characters: cheap, deterministic, and it varies within a group."""
+    """Fraction of digit characters: cheap, deterministic, dense (it varies within every group)."""
     return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: 1 round of 3 steps, short generation timing")
+    p.add_argument("--workload", default="tiny", choices=["tiny", "real"],
+                   help=f"tiny: the built-in 0.8M model (or --vocab); real: {REAL_MODEL} (134.5M parameters, 4 prompts x 8, 128 tokens)")
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated completion lengths, each forced to full length on both sides (EOS suppressed): a cost-growth sweep")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--vocab", type=int, default=None, help="pad the vocabulary to this size (e.g. 151936, Qwen2's)")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    p.add_argument("--num-generations", type=int, default=8, help="G, completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-prompt-length", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=None, help="pad the tiny model's vocabulary to this size (e.g. 151936, Qwen2's)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8; real 4; --lengths 2)")
+    p.add_argument("--num-generations", type=int, default=None, help="G, completions per prompt (default 8; --lengths 4)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64; real 128")
+    p.add_argument("--max-prompt-length", type=int, default=None, help="default 64; real 160")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8; 3 with --vocab > 32k or --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 2; 1 with --vocab > 32k or --quick)")
-    p.add_argument("--rounds", type=int, default=None, help="ours/TRL pairs (default 3; 1 with --vocab > 32k or --quick)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8; 3 with --quick, --vocab > 32k or real; 2 with --lengths)")
+    p.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 2; 1 with --quick, --vocab > 32k, real or --lengths)")
+    p.add_argument("--rounds", type=int, default=None, help="ours/TRL pairs (default 3; real 5; 1 with --quick, --vocab > 32k or --lengths)")
     p.add_argument("--gen-repeats", type=int, default=None, help="timed generate calls per engine (default 5; 2 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1: see benchmarks/README.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--systems", default="ours,trl", help="which systems to run (comma-separated; for profiling)")
     p.add_argument("--no-generation", action="store_true", help="skip the rollout-engine vs model.generate timing")
-    p.add_argument(
-        "--no-compile", action="store_true",
-        help="run our training forwards eagerly (default: GRPO(compile=True), compiled decoder layers; see benchmarks/README.md)",
-    )
+    p.add_argument("--compile", default="default", choices=["default", "on", "off"],
+                   help="our GRPO(compile=...): default leaves the project's default (auto), on/off force it")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
+    p.add_argument("--trl-compile", action="store_true", help="TRL with its torch_compile option (compiles the whole model)")
+    p.add_argument("--memory-cap-gib", type=float, default=9.0,
+                   help="a run past this resident memory stops and is reported as out of memory (default 9)")
+    p.add_argument("--plot", default=None, help="with --lengths: save the log-log plot here (default benchmarks/lengths_<model>.png)")
     p.add_argument("--workdir", default=None, help="keep the model, prompts and run logs here")
+    p.add_argument("--force-length", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--role", default="main", choices=["main", "build", "ours", "trl", "generation"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    real, sweep = args.workload == "real", args.lengths is not None
     big = (args.vocab or 0) > 32_768
-    small = args.quick or big
-    args.steps = args.steps or (3 if small else 8)
-    args.warmup = args.warmup if args.warmup is not None else (1 if small else 2)
-    args.rounds = args.rounds or (1 if small else 3)
+    small = args.quick or big or real
+    if real and args.vocab:
+        p.error("--vocab applies to the tiny workload only")
+    args.prompts = args.prompts or (2 if sweep else 4 if real else 8)
+    args.num_generations = args.num_generations or (4 if sweep else 8)
+    args.max_new_tokens = args.max_new_tokens or (128 if real else 64)
+    args.max_prompt_length = args.max_prompt_length or (160 if real else 64)
+    args.steps = args.steps or (2 if sweep else 3 if small else 8)
+    args.warmup = args.warmup if args.warmup is not None else (1 if small or sweep else 2)
+    args.rounds = args.rounds or (1 if args.quick or big or sweep else 5 if real else 3)
     args.gen_repeats = args.gen_repeats or (2 if args.quick else 5)
     if args.warmup >= args.steps:
         p.error(f"--warmup ({args.warmup}) must be < --steps ({args.steps})")
+    if sweep:
+        try:
+            args.length_list = [int(x) for x in args.lengths.split(",") if x]
+        except ValueError:
+            p.error(f"--lengths {args.lengths!r}: comma-separated integers, e.g. 256,512,1024")
     return args
 
 
@@ -97,92 +126,35 @@ def _setup_torch(args):
     return torch
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-class PeakMemory:
-    """Peak RSS of this process: the kernel's high-water mark, cross-checked by a psutil sampler."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        import psutil
-
-        self._process, self._interval, self._stop = psutil.Process(), interval, threading.Event()
-        self.sampled = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.sampled = max(self.sampled, self._process.memory_info().rss)
-
-    def mark_start(self) -> None:
-        """RSS when the first step starts: imports, model, optimizer and data are in; nothing has run."""
-        self.at_start = self._process.memory_info().rss
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return {
-            "peak_rss_mib": max(hwm, self.sampled) / 2**20,
-            "peak_rss_sampled_mib": self.sampled / 2**20,
-            "rss_at_first_step_mib": getattr(self, "at_start", 0) / 2**20,
-        }
-
-
-def _emit(result: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-def _step_summary(
-    times: list[float], tokens: list[int], completion_tokens: list[int], warmup: int, cpu_times: list[float]
-) -> dict:
-    """Wall-clock step times are what a user waits; process CPU seconds per step are the same work with the
-    time other jobs held the CPU left out (one thread: equal to wall-clock on an idle machine)."""
-    t, n, c, cpu = times[warmup:], tokens[warmup:], completion_tokens[warmup:], cpu_times[warmup:]
-    return {
-        "s_per_step": statistics.median(t),
-        "tokens_per_s": sum(n) / sum(t),
-        "completion_tokens_per_s": sum(c) / sum(t),
-        "tokens_per_step": sum(n) / len(n),
-        "first_step_s": times[0],
-        "cpu_s_per_step": statistics.median(cpu),
-        "tokens_per_cpu_s": sum(n) / sum(cpu),
-        "step_times": [round(x, 4) for x in times],
-        "step_cpu_times": [round(x, 4) for x in cpu_times],
-        "step_tokens": tokens,
-    }
-
-
 # ------------------------------------------------------------------------------ the assets
 def build_assets(args) -> None:
     """The model directory and the prompt file both systems read."""
     torch = _setup_torch(args)
     from r1_lightning.data.tasks import ArithmeticTask
-    from r1_lightning.policy import build_builtin_tokenizer, encode_prompt, load_model, render_prompt
+    from r1_lightning.policy import build_builtin_tokenizer, encode_prompt, load_model, load_tokenizer, render_prompt
 
     work = Path(args.workdir)
-    tokenizer = build_builtin_tokenizer()
-    model = load_model("builtin:tiny", seed=args.seed)
+    if args.workload == "real":  # the packaged .gguf, dequantised to float32 and saved as a plain Hugging Face directory
+        tokenizer, model = load_tokenizer(REAL_MODEL), load_model(REAL_MODEL, dtype="float32")
+    else:
+        tokenizer, model = build_builtin_tokenizer(), load_model("builtin:tiny", seed=args.seed)
     if args.vocab and args.vocab != model.config.vocab_size:
         model = _pad_vocabulary(model, args.vocab, torch)
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
 
-    rows = ArithmeticTask().rows("rl", args.prompts * args.steps)
+    task = ArithmeticTask(prompt_style="words" if args.workload == "real" else "compute")
+    rows = task.rows("rl", args.prompts * args.steps)
     with open(work / "prompts.jsonl", "w") as f:
         for row in rows:
             text = render_prompt(tokenizer, row["prompt"])
             ids = encode_prompt(tokenizer, text)
             assert len(ids) <= args.max_prompt_length, f"prompt of {len(ids)} tokens > --max-prompt-length"
             # `prompt` feeds our PromptDataModule (which applies the chat template), `prompt_text` TRL (as is).
-            f.write(json.dumps({"prompt": row["prompt"], "prompt_text": text, "answer": row["answer"]}) + "\n")
+            f.write(json.dumps({"prompt": row["prompt"], "prompt_text": text, "answer": row["answer"], "prompt_tokens": len(ids)}) + "\n")
     params = sum(p.numel() for p in model.parameters())
-    _emit({"parameters": params, "vocab_size": model.config.vocab_size, "prompts": len(rows)})
+    mean_prompt = sum(len(encode_prompt(tokenizer, render_prompt(tokenizer, r["prompt"]))) for r in rows) / len(rows)
+    emit({"parameters": params, "vocab_size": model.config.vocab_size, "prompts": len(rows), "mean_prompt_tokens": mean_prompt})
 
 
 def _pad_vocabulary(model, vocab_size: int, torch):
@@ -211,7 +183,8 @@ def _load_rows(args) -> list[dict]:
 # ------------------------------------------------------------------------------------ ours
 def run_ours(args) -> None:
     torch = _setup_torch(args)
-    memory = PeakMemory()
+    memory = PeakMemory("ours", args.memory_cap_gib)
+    clock = PhaseClock(args.device)
     import lightning as L
 
     from r1_lightning import GRPO, PromptDataModule
@@ -221,16 +194,21 @@ def run_ours(args) -> None:
             self.last, self.times, self.tokens, self.completion_tokens = None, [], [], []
             self.cpu_last, self.cpu_times = None, []
 
+        def on_train_start(self, trainer, pl_module) -> None:
+            optimizer = trainer.optimizers[0]
+            clock.wrap(optimizer, "step", "optimizer")
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self.last is None:
                 memory.mark_start()
-                _sync(args.device)
+                sync(args.device)
                 self.last, self.cpu_last = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            _sync(args.device)
+            sync(args.device)
             now, cpu_now = time.perf_counter(), time.process_time()
             self.times.append(now - self.last)
+            clock.end_step(now - self.last, cpu_now - self.cpu_last)
             self.cpu_times.append(cpu_now - self.cpu_last)
             self.last, self.cpu_last = now, cpu_now
             rollout = outputs["rollout"].rollout
@@ -244,8 +222,19 @@ def run_ours(args) -> None:
         model_name_or_path=str(work / "model"), rewards=[digit_reward], num_generations=args.num_generations,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=args.beta, learning_rate=args.lr,
         weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0, export_hf=False, seed=args.seed,
-        compile=not args.no_compile,
+        **({} if args.compile == "default" else {"compile": args.compile == "on"}),
     )
+    if args.force_length:  # every completion runs to max_new_tokens: no token ends it
+        original = module.sampling_params
+        module.sampling_params = lambda evaluation=False: dataclasses.replace(original(evaluation), eos_token_ids=[])
+    # Phases: the sampling call holds generation, detokenising and the rewards; generation is timed inside it.
+    clock.wrap(module, "_sample", "rewards")
+    clock.wrap(module.engine, "generate", "generation")
+    clock.wrap(module.engine, "sync_weights", "weight_sync")
+    clock.wrap(module, "_ref_logprobs", "reference")
+    clock.wrap(module, "_old_logprobs", "old_logprobs")
+    clock.wrap(module, "_policy_logprobs", "policy_forward")
+    clock.wrap(module, "manual_backward", "backward")
     data = PromptDataModule(
         path=str(work / "prompts.jsonl"), batch_size=args.prompts, max_prompt_length=args.max_prompt_length, shuffle=False,
     )
@@ -256,19 +245,20 @@ def run_ours(args) -> None:
         callbacks=[timer], default_root_dir=str(work / "ours_run"),
     )
     trainer.fit(module, datamodule=data)
-    summary = _step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup, timer.cpu_times)
+    summary = step_summary(timer.times, timer.tokens, timer.completion_tokens, args.warmup, timer.cpu_times, clock)
     from r1_lightning.engines.compiled_forward import ran_compiled
 
     result = {"system": "ours", **summary, **memory.stop(), "compiled": ran_compiled()}
     if args.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    _emit(result)
+    emit(result)
 
 
 # ------------------------------------------------------------------------------------- TRL
 def run_trl(args) -> None:
     torch = _setup_torch(args)
-    memory = PeakMemory()
+    memory = PeakMemory("trl", args.memory_cap_gib)
+    clock = PhaseClock(args.device)
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -278,16 +268,20 @@ def run_trl(args) -> None:
             self.last, self.seen, self.times, self.tokens = None, 0, [], []
             self.cpu_last, self.cpu_times = None, []
 
+        def on_train_begin(self, train_args, state, control, optimizer=None, **kwargs):
+            clock.wrap(optimizer, "step", "optimizer")
+
         def on_step_begin(self, train_args, state, control, **kwargs):
             if self.last is None:
                 memory.mark_start()
-                _sync(args.device)
+                sync(args.device)
                 self.last, self.seen, self.cpu_last = time.perf_counter(), state.num_input_tokens_seen, time.process_time()
 
         def on_step_end(self, train_args, state, control, **kwargs):
-            _sync(args.device)
+            sync(args.device)
             now, cpu_now = time.perf_counter(), time.process_time()
             self.times.append(now - self.last)
+            clock.end_step(now - self.last, cpu_now - self.cpu_last)
             self.cpu_times.append(cpu_now - self.cpu_last)
             self.tokens.append(int(state.num_input_tokens_seen - self.seen))  # prompt + completion tokens
             self.last, self.seen, self.cpu_last = now, state.num_input_tokens_seen, cpu_now
@@ -305,6 +299,9 @@ def run_trl(args) -> None:
         shuffle_dataset=False, seed=args.seed, use_cpu=args.device == "cpu", bf16=False, fp16=False,
         save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
         dataloader_num_workers=0, log_completions=False, model_init_kwargs={"dtype": torch.float32},
+        torch_compile=args.trl_compile,
+        # Forced length: EOS gets probability 0 until max_new_tokens (transformers' MinNewTokensLogitsProcessor).
+        generation_kwargs={"min_new_tokens": args.max_new_tokens} if args.force_length else None,
     )
     timer = StepTimer()
     trainer = GRPOTrainer(
@@ -312,12 +309,22 @@ def run_trl(args) -> None:
         processing_class=tokenizer, callbacks=[timer],
     )
     completion_tokens = _CompletionTokens(trainer)
+
+    def logprob_phase(model, *a, **kw) -> str:
+        if torch.is_grad_enabled():
+            return "policy_forward"
+        return "reference" if model is trainer.ref_model else "old_logprobs"
+
+    clock.wrap(trainer, "_generate_single_turn", "generation")
+    clock.wrap(trainer, "_calculate_rewards", "rewards")
+    clock.wrap(trainer, "_get_per_token_logps_and_entropies", logprob_phase)
+    clock.wrap(trainer.accelerator, "backward", "backward")
     trainer.train()
-    summary = _step_summary(timer.times, timer.tokens, completion_tokens.per_step, args.warmup, timer.cpu_times)
+    summary = step_summary(timer.times, timer.tokens, completion_tokens.per_step, args.warmup, timer.cpu_times, clock)
     result = {"system": "trl", **summary, **memory.stop()}
     if args.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    _emit(result)
+    emit(result)
 
 
 class _CompletionTokens:
@@ -372,29 +379,28 @@ def run_generation(args) -> None:
     tokens = {}
     for repeat in range(args.gen_repeats + 1):  # the first pair warms up
         for name, fn in (("ours", ours), ("generate", hf)):
-            _sync(args.device)
+            sync(args.device)
             start = time.perf_counter()
             tokens[name] = fn()
-            _sync(args.device)
+            sync(args.device)
             if repeat:
                 times[name].append(time.perf_counter() - start)
     result = {f"{k}_tokens_per_s": tokens[k] / statistics.median(v) for k, v in times.items()}
     result.update({f"{k}_s": [round(x, 4) for x in v] for k, v in times.items()}, completion_tokens=tokens["ours"])
     assert tokens["ours"] == tokens["generate"], tokens
     result["ratio"] = result["ours_tokens_per_s"] / result["generate_tokens_per_s"]
-    _emit(result)
+    emit(result)
 
 
 # ------------------------------------------------------------------------------ orchestrator
 def _child(args, role: str) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--role", role, "--workdir", args.workdir]
-    for name in ("device", "prompts", "num_generations", "max_new_tokens", "max_prompt_length", "temperature", "beta", "lr",
-                 "steps", "warmup", "rounds", "gen_repeats", "threads", "seed"):
+    for name in ("workload", "device", "prompts", "num_generations", "max_new_tokens", "max_prompt_length", "temperature", "beta",
+                 "lr", "steps", "warmup", "rounds", "gen_repeats", "threads", "seed", "compile", "memory_cap_gib"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.vocab:
         argv += ["--vocab", str(args.vocab)]
-    if args.no_compile:
-        argv.append("--no-compile")
+    argv += [flag for flag, on in (("--force-length", args.force_length), ("--trl-compile", args.trl_compile)) if on]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     repo = str(Path(__file__).resolve().parents[1])
@@ -405,7 +411,7 @@ def _child(args, role: str) -> dict:
     with open(log, "a") as f:
         f.write(proc.stdout + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
+    if proc.returncode not in (0, OUT_OF_MEMORY_EXIT) or not lines:
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise RuntimeError(f"benchmark role {role!r} failed (exit {proc.returncode}); log: {log}\n{tail}")
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
@@ -431,45 +437,35 @@ def _machine(args) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "device": args.device, "python": platform.python_version(), **versions}
 
 
-def _aggregate(runs: list[dict]) -> dict:
-    keys = (
-        "s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "first_step_s", "cpu_s_per_step",
-        "tokens_per_cpu_s",
-    )
-    out = {k: statistics.median(r[k] for r in runs) for k in keys}
-    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-    out["rss_at_first_step_mib"] = statistics.median(r["rss_at_first_step_mib"] for r in runs)
-    if "peak_cuda_mib" in runs[0]:
-        out["peak_cuda_mib"] = max(r["peak_cuda_mib"] for r in runs)
-    out["runs"] = runs
-    return out
+def _run_pairs(args, systems: list[str], label: str = "") -> dict[str, list[dict]]:
+    """``args.rounds`` interleaved runs of each system (ours TRL, TRL ours, ...)."""
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    for round_index in range(args.rounds):
+        order = systems if round_index % 2 == 0 else systems[::-1]
+        for system in order:
+            run = _child(args, system)
+            runs[system].append(run)
+            head = f"{label}round {round_index + 1}/{args.rounds} {system:4s}: "
+            if run.get("out_of_memory"):
+                print(head + f"out of memory at {run['cap_gib']:.0f} GiB (wall {run['wall_s']:.0f} s)", flush=True)
+                continue
+            rows = args.prompts * args.num_generations
+            print(
+                head + f"{run['s_per_step']:.3f} s/step, {run['completion_tokens_per_s']:,.1f} completion tokens/s, "
+                f"{run['cpu_s_per_step']:.3f} CPU-s/step, peak RSS {run['peak_rss_mib']:,.0f} MiB, "
+                f"mean completion {run['completion_tokens_per_step'] / rows:.1f} tokens (wall {run['wall_s']:.0f} s)",
+                flush=True,
+            )
+            print("    phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in run["phases_s"].items()), flush=True)
+            print("    phases (CPU-s): " + ", ".join(f"{k} {v:.2f}" for k, v in run["phases_cpu_s"].items()), flush=True)
+    return runs
 
 
-def _table(result: dict) -> str:
-    ours, trl, ratios = result["ours"], result["trl"], result["ratios"]
-    rows = [
-        ("s / step (median)", "s_per_step", "{:.3f}"),
-        ("tokens / s (prompt+completion)", "tokens_per_s", "{:,.0f}"),
-        ("completion tokens / s", "completion_tokens_per_s", "{:,.0f}"),
-        ("tokens / step", "tokens_per_step", "{:,.0f}"),
-        ("peak RSS (MiB)", "peak_rss_mib", "{:,.0f}"),
-        ("CPU s / step (median)", "cpu_s_per_step", "{:.3f}"),
-        ("tokens / CPU-s", "tokens_per_cpu_s", "{:,.0f}"),
-        ("first step (s, warm-up)", "first_step_s", "{:.1f}"),
-    ]
-    if "peak_cuda_mib" in ours:
-        rows.append(("peak CUDA allocated (MiB)", "peak_cuda_mib", "{:,.0f}"))
-    lines = [f"{'':32s}{'ours':>14s}{'TRL':>14s}{'ours/TRL':>10s}", "-" * 70]
-    for label, key, fmt in rows:
-        lines.append(f"{label:32s}{fmt.format(ours[key]):>14s}{fmt.format(trl[key]):>14s}{ratios[key]:>10.2f}")
-    gen = result.get("generation")
-    if gen:
-        lines.append("-" * 70)
-        lines.append(
-            f"{'generation tokens / s':32s}{gen['ours_tokens_per_s']:>14,.0f}{gen['generate_tokens_per_s']:>14,.0f}{gen['ratio']:>10.2f}"
-            "   (TRL column: plain model.generate)"
-        )
-    return "\n".join(lines)
+def _summarise(args, systems: list[str], runs: dict[str, list[dict]]) -> dict:
+    result = {system: report.aggregate(runs[system]) for system in systems}
+    if len(systems) == 2:
+        result["ratios"] = report.ratios(result["ours"], result["trl"], runs["ours"], runs["trl"])
+    return result
 
 
 def main(args) -> dict:
@@ -486,56 +482,62 @@ def main(args) -> dict:
     args.workdir = os.path.abspath(tmp.name if owned else args.workdir)
     os.makedirs(args.workdir, exist_ok=True)
     try:
+        if args.lengths is not None:
+            args.max_new_tokens = max(args.length_list)  # prompts are checked against the longest
         assets = _child(args, "build")
-        print(f"model: {assets['parameters']:,} parameters, vocabulary {assets['vocab_size']:,}; {assets['prompts']} prompts", flush=True)
-        runs: dict[str, list[dict]] = {s: [] for s in systems}
-        for round_index in range(args.rounds):
-            order = systems if round_index % 2 == 0 else systems[::-1]
-            for system in order:
-                run = _child(args, system)
-                runs[system].append(run)
-                print(
-                    f"round {round_index + 1}/{args.rounds} {system:4s}: {run['s_per_step']:.3f} s/step, "
-                    f"{run['tokens_per_s']:,.0f} tokens/s, {run['cpu_s_per_step']:.3f} CPU-s/step, "
-                    f"peak RSS {run['peak_rss_mib']:,.0f} MiB (wall {run['wall_s']:.0f} s)",
-                    flush=True,
-                )
+        print(
+            f"model: {assets['parameters']:,} parameters, vocabulary {assets['vocab_size']:,}; {assets['prompts']} prompts "
+            f"(mean {assets['mean_prompt_tokens']:.1f} tokens)", flush=True,
+        )
         result = {"config": {k: v for k, v in vars(args).items() if k not in ("role", "workdir")}, "machine": _machine(args)}
-        result["config"]["parameters"] = assets["parameters"]
-        result["config"]["vocab_size"] = assets["vocab_size"]
-        for system in systems:
-            result[system] = _aggregate(runs[system])
-        if len(systems) == 2:
-            keys = (
-                "s_per_step", "tokens_per_s", "completion_tokens_per_s", "tokens_per_step", "peak_rss_mib",
-                "rss_at_first_step_mib", "cpu_s_per_step", "tokens_per_cpu_s", "first_step_s",
-            )
-            ratios = {k: result["ours"][k] / result["trl"][k] for k in keys}
-            if "peak_cuda_mib" in result["ours"]:
-                ratios["peak_cuda_mib"] = result["ours"]["peak_cuda_mib"] / result["trl"]["peak_cuda_mib"]
-            # Paired ratios (each ours run against the TRL run next to it): robust to slow drifts in machine load.
-            ratios["tokens_per_s_paired"] = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(runs["ours"], runs["trl"])]
-            ratios["tokens_per_cpu_s_paired"] = [
-                o["tokens_per_cpu_s"] / t["tokens_per_cpu_s"] for o, t in zip(runs["ours"], runs["trl"])
-            ]
-            result["ratios"] = ratios
-        result["generation"] = None if args.no_generation else _child(args, "generation")
-        if len(systems) == 2:
+        result["config"].update(parameters=assets["parameters"], vocab_size=assets["vocab_size"],
+                                mean_prompt_tokens=assets["mean_prompt_tokens"])
+        if args.lengths is not None:
+            return _sweep(args, systems, result)
+        runs = _run_pairs(args, systems)
+        result.update(_summarise(args, systems, runs))
+        tiny = args.workload == "tiny"
+        result["generation"] = None if args.no_generation or not tiny else _child(args, "generation")
+        if len(systems) == 2 and result["ratios"]:
+            ratio = result["ratios"]
             result["targets"] = {
-                "tokens_per_s_ratio_min": 2.0,
-                "tokens_per_s_met": result["ratios"]["tokens_per_s"] >= 2.0,
-                "peak_rss_ratio_max": 0.5,
-                "peak_rss_met": result["ratios"]["peak_rss_mib"] <= 0.5,
+                "completion_tokens_per_s_ratio_min": 2.0,
+                "completion_tokens_per_s_met": ratio["completion_tokens_per_s"] >= 2.0,
+                "peak_rss_ratio_max": 0.5 if tiny else 0.6,
+                "peak_rss_met": ratio["peak_rss_mib"] <= (0.5 if tiny else 0.6),
             }
             print()
-            print(_table(result))
-            if not args.no_compile and not all(run.get("compiled") for run in runs["ours"]):
-                print("note: our training forwards ran eagerly (compile=True did not apply or failed; see ours.log)")
+            print(report.table(result))
         print(json.dumps(result))
         return result
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _sweep(args, systems: list[str], result: dict) -> dict:
+    """Every length of ``--lengths``, forced to full length, each with its own interleaved pairs; a table and a plot."""
+    args.force_length, sweep = True, []
+    for length in args.length_list:
+        args.max_new_tokens = length
+        runs = _run_pairs(args, systems, label=f"length {length}: ")
+        sweep.append({"length": length, **_summarise(args, systems, runs)})
+    result["lengths"] = sweep
+    if len(systems) == 2:
+        model = "smollm2" if args.workload == "real" else f"tiny{args.vocab or ''}"
+        plot = args.plot or str(Path(__file__).resolve().parent / f"lengths_{model}.png")
+        title = f"{result['config']['parameters'] / 1e6:.1f}M parameters, vocabulary {result['config']['vocab_size']:,}, " \
+                f"{args.prompts} prompts x G={args.num_generations}, 1 thread"
+        report.plot_lengths(sweep, title, plot)
+        result["plot"] = plot
+        print()
+        print(report.lengths_table(sweep))
+        for point in sweep:
+            print(f"\nlength {point['length']}:")
+            print(report.phase_table(point))
+        print(f"\nplot: {plot}")
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

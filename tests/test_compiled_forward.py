@@ -157,3 +157,36 @@ def test_grpo_warns_when_compile_cannot_apply():
     module = GRPO(model_name_or_path="builtin:tiny", compile=True, gradient_checkpointing=True)
     with pytest.warns(UserWarning, match=r"stay eager: module model.embed_tokens has forward hooks"):  # HF checkpointing hooks
         module.configure_model()
+
+
+def test_compile_pays_when_the_saving_over_the_steps_left_exceeds_the_one_time_cost():
+    # saving = 0.15 * training seconds * steps left, against 120 s: 0.15 * 10 * 100 = 150 > 120; 0.15 * 10 * 80 = 120 (not >);
+    # the tiny model's 0.2 s over 1,000 steps: 30 s.
+    assert (compiled_forward.AUTO_COMPILE_SAVING, compiled_forward.AUTO_COMPILE_COST_S) == (0.15, 120.0)
+    assert compiled_forward.compile_pays(10.0, 100)
+    assert not compiled_forward.compile_pays(10.0, 80)
+    assert not compiled_forward.compile_pays(0.2, 1_000)
+    assert compiled_forward.compile_pays(0.2, float("inf"))  # a run without max_steps or max_epochs
+    assert not compiled_forward.compile_pays(500.0, 0)  # the last step
+
+
+def test_grpo_compile_auto_decides_after_the_first_step_with_one_log_line(tmp_path, monkeypatch, caplog):
+    from grpo_helpers import fit, prompt_data, tiny_grpo
+
+    module = tiny_grpo()
+    assert module.hparams.compile == "auto" and not module._compile_now
+    with caplog.at_level("INFO"):
+        fit(module, prompt_data(), tmp_path / "short", max_steps=2)
+    lines = [r.getMessage() for r in caplog.records if "GRPO(compile='auto')" in r.getMessage()]
+    assert len(lines) == 1 and "stay eager" in lines[0] and "1 more steps" in lines[0], lines
+    assert not module._compile_now
+
+    # A run long enough to repay it turns compiling on for the steps after the first (here there are none).
+    monkeypatch.setattr(compiled_forward, "compile_pays", lambda seconds, remaining: True)
+    module = tiny_grpo()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fit(module, prompt_data(), tmp_path / "long", max_steps=1)
+    lines = [r.getMessage() for r in caplog.records if "GRPO(compile='auto')" in r.getMessage()]
+    assert len(lines) == 1 and "compiled from the next step" in lines[0], lines
+    assert module._compile_now

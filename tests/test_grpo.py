@@ -429,3 +429,20 @@ def test_grpo_learns_a_trivial_reward_from_scratch(tmp_path):
     assert len(rewards) == 25
     early, late = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert late > early + 0.05 and late > 3 * early, rewards
+
+
+def test_default_micro_batch_keeps_activations_under_the_budget_in_whole_groups():
+    from r1_lightning.modules.grpo_options import ACTIVATION_BUDGET_BYTES, activation_bytes_per_token, default_micro_batch
+    from transformers import LlamaConfig
+
+    # SmolLM2-135M: 30 * (10 * 576 + 4 * 1536) * 4 B = 1,428,480 B per token; 128 tokens a row = 182,845,440 B;
+    # 2 GiB / that = 11.7 -> 11 rows fit: one whole group of 8; of 4 -> two groups (8); of 16 -> not one: 11 completions.
+    smollm2 = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)
+    per_token = activation_bytes_per_token(smollm2, 4)
+    assert per_token == 1_428_480 and ACTIVATION_BUDGET_BYTES == 2 << 30
+    assert default_micro_batch(32, 8, 128, per_token) == 8
+    assert default_micro_batch(32, 4, 128, per_token) == 8
+    assert default_micro_batch(32, 16, 128, per_token) == 11
+    assert default_micro_batch(32, 8, 32, per_token) == 32  # 32 * 32 * 1.43 MB = 1.46 GB: all in one
+    assert default_micro_batch(32, 8, 10_000, per_token) == 1  # never below one completion
+    assert activation_bytes_per_token(object(), 4) is None

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
 
+from r1_lightning.engines.fast_decode import fast_decode_step
 from r1_lightning.engines.hf import (
     HFGenerateEngine,
     Rollout,
@@ -289,3 +290,35 @@ def test_ranks_step_in_lockstep_under_fsdp(tmp_path):
     assert done["rollout"].completion_mask.tolist() == [[1, 0, 0, 0, 0, 0]] * 6
     assert (done["rollout"].completion_ids[:, 1:] == PAD).all() and not done["rollout"].truncated.any()
     assert running["rollout"].truncated.all()
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=50)])
+@pytest.mark.parametrize("per_prompt_generators", [False, True])
+@pytest.mark.parametrize("fast_step", [False, True])
+def test_dropping_finished_rows_changes_no_token(sampling, per_prompt_generators, fast_step, monkeypatch):
+    # Rows that end early leave the decode batch; every row still draws its sampling noise, so the tokens are those of
+    # a batch that keeps them (log-probs to matmul rounding at other batch sizes). Ending early: a logit bias on EOS
+    # (a hook: the Hugging Face forward) or 60 of the 300 tokens as EOS ids (no hook: the fast decode step).
+    from r1_lightning.engines import hf
+
+    model = tiny_model()
+    handle = None if fast_step else bias_tokens(model, [EOS], 2.0)
+    eos = list(range(3, 63)) if fast_step else [EOS]
+    steps = []
+    monkeypatch.setattr(hf, "fast_decode_step", lambda *a: steps.append(fast_decode_step(*a)) or steps[-1])
+
+    def run():
+        generator = [seeded(s) for s in range(len(PROMPTS))] if per_prompt_generators else seeded(0)
+        return HFGenerateEngine().generate(model, PROMPTS, 4, params(max_new_tokens=16, eos_token_ids=eos, **sampling), generator)
+
+    compacted = run()
+    monkeypatch.setattr(hf, "COMPACT_FRACTION", 2.0)  # never
+    kept = run()
+    if handle is not None:
+        handle.remove()
+    assert all((step is not None) == fast_step for step in steps)
+    lengths = kept.completion_lengths
+    assert lengths.min() < lengths.max() and (lengths < 16).sum() >= 3  # rows did finish early
+    assert torch.equal(compacted.completion_ids, kept.completion_ids)
+    assert torch.equal(compacted.completion_mask, kept.completion_mask)
+    torch.testing.assert_close(compacted.logprobs, kept.logprobs, atol=1e-5, rtol=0)

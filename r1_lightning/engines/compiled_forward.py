@@ -17,8 +17,9 @@ CPU (most of it inductor's one-time C++ set-up), later processes ~20 s with indu
 cache warm.
 Hidden states equal the Hugging Face forward's to float rounding (tests/test_compiled_forward.py).
 
-It is opt-in (`GRPO(compile=True)`): compilation needs a C++ compiler and only pays over many
-steps. Anything `fast_decode.model_unsupported_reason` refuses (other architectures, adapters,
+`GRPO(compile="auto")`, the default, decides after a process's first step (`compile_pays`): it
+compiles when ~15% of that step's training forwards and backward, over the steps left, outweighs a
+cold compile; `compile=True` compiles from the first step. Compilation needs a C++ compiler. Anything `fast_decode.model_unsupported_reason` refuses (other architectures, adapters,
 FSDP shards, rotary scaling, sliding windows, non-CPU devices...) or a model with attention
 dropout keeps the Hugging Face forward; so does a process where compiling failed (one warning).
 """
@@ -34,6 +35,11 @@ from torch import Tensor, nn
 
 from r1_lightning.engines.fast_decode import apply_rotary, model_unsupported_reason, rms_norm, rotary
 
+# compile="auto": a cold compile on the 2-core CPU took 75-115 s (warm 20-22 s); the compiled layers cut the training
+# forwards and backward by ~16% on the benchmark's tiny model (benchmarks/README.md).
+AUTO_COMPILE_COST_S = 120.0
+AUTO_COMPILE_SAVING = 0.15
+
 # Per process: the compiled layer functions (built on first use), and why compiling failed, if it did.
 _COMPILED: dict[tuple, object] = {}  # (pass, shape) -> compiled function
 _FAILED: list[str] = []
@@ -42,6 +48,12 @@ _FAILED: list[str] = []
 def ran_compiled() -> bool:
     """Whether this process has run compiled layers and never fell back (False before any compiled call)."""
     return bool(_COMPILED) and not _FAILED
+
+
+def compile_pays(training_seconds: float, remaining_steps: float) -> bool:
+    """Whether compiling now would repay its one-time cost: the expected saving, `AUTO_COMPILE_SAVING` of a step's
+    training forwards and backward (`training_seconds`) over `remaining_steps`, exceeds `AUTO_COMPILE_COST_S`."""
+    return AUTO_COMPILE_SAVING * training_seconds * remaining_steps > AUTO_COMPILE_COST_S
 
 
 def compiled_layers(model: nn.Module) -> CompiledLayers | None:

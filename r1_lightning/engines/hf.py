@@ -8,6 +8,7 @@ stepping in lockstep.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
@@ -23,6 +24,9 @@ from r1_lightning.engines.fast_decode import fast_decode_step
 from r1_lightning.engines.kv_cache import preallocate
 from r1_lightning.rl.groups import per_completion
 
+# Finished rows leave the decode batch once they are this fraction of it (a KV-cache copy each time).
+COMPACT_FRACTION = 1 / 8
+
 try:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
@@ -35,8 +39,11 @@ class HFGenerateEngine(RolloutEngine):
     """KV-cached sampling loop on a Hugging Face causal LM.
 
     Each distinct prompt is prefilled once; its KV cache is then copied G times and the
-    `B*G` completions decode together. Finished rows keep stepping (emitting the pad id,
-    masked out) until every row, on every rank, is done.
+    `B*G` completions decode together. Once an eighth of the rows in the batch have finished,
+    they leave it (their KV cache rows too; `compact_rows`), so a step costs what the rows
+    still running cost; the rest of the loop, and the sampling noise every row draws, are those
+    of a batch that keeps every row (same tokens). A rank whose rows are all done keeps stepping
+    its last rows until every rank is done.
 
     Example:
         >>> engine = HFGenerateEngine()
@@ -76,7 +83,7 @@ class HFGenerateEngine(RolloutEngine):
         # Outside inference mode these ops turn inference tensors into normal ones, which
         # autograd accepts as inputs (embedding indices, masks) in the training step.
         eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
-        completion_ids = torch.stack(tokens, dim=1)  # [N, T]
+        completion_ids = tokens.clone()  # [N, T]
         is_eos = torch.isin(completion_ids, eos)
         completion_mask = ((is_eos.cumsum(-1) - is_eos.long()) == 0).long()  # no EOS strictly before
         return Rollout(
@@ -84,7 +91,7 @@ class HFGenerateEngine(RolloutEngine):
             prompt_mask=per_completion(prompt_mask, num_generations),
             completion_ids=completion_ids,
             completion_mask=completion_mask,
-            logprobs=torch.stack(logprobs, dim=1),
+            logprobs=logprobs.clone(),
             truncated=~finished,
         )
 
@@ -96,8 +103,8 @@ def _decode(
     num_generations: int,
     params: SamplingParams,
     generator: torch.Generator | None,
-) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """The decode loop. Returns per-step tokens `[N]`, log-probs `[N]`, and `finished` `[N]`."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The decode loop. Returns tokens `[N, T']`, log-probs `[N, T']` (T' the steps taken), and `finished` `[N]`."""
     B, P = prompt_ids.shape
     G, T = num_generations, params.max_new_tokens
     N = B * G
@@ -127,15 +134,28 @@ def _decode(
     fast_step = fast_decode_step(model, cache, attention_mask)  # None: the Hugging Face forward
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, logprobs = [], []
+    rows = torch.arange(N, device=device)  # the rows of the full batch still in the decode batch
+    # Written in place, one column a step: a list of small per-step tensors kept between the step's large transient
+    # ones fragmented the heap (RSS grew ~0.5 MB a step at a 151,936-token vocabulary).
+    tokens = torch.full((N, T), params.pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, T, dtype=torch.float32, device=device)
     for t in range(T):
-        token, logprob = sample_next_token(logits.float(), params, generator)  # [N], [N]
-        token = token.masked_fill(finished, params.pad_token_id)
-        tokens.append(token)
-        logprobs.append(logprob.masked_fill(finished, 0.0))
+        sampled, logprob = sample_next_token(logits.float(), params, generator, rows if len(rows) < N else None, N)
+        running = ~finished[rows]
+        tokens[rows, t] = sampled.masked_fill(~running, params.pad_token_id)
+        logprobs[rows, t] = logprob.masked_fill(~running, 0.0)
+        token = tokens[:, t]
         finished = finished | torch.isin(token, eos)
         if t == T - 1 or not any_rank_running(~finished):
             break
+        keep = ~finished[rows]
+        if 0 < int(keep.sum()) <= len(rows) - max(1, math.ceil(len(rows) * COMPACT_FRACTION)):  # drop the finished rows
+            kept = keep.nonzero().squeeze(1)
+            rows, token = rows[kept], token[rows[kept]]
+            attention_mask, next_position = attention_mask[kept], next_position[kept]
+            cache.reorder_cache(kept)
+        else:
+            token = token[rows]
         if fast_step is not None:
             logits = fast_step(token[:, None], attention_mask[..., : P + t + 1], next_position)
         else:
@@ -148,7 +168,7 @@ def _decode(
             )
             logits = out.logits[:, -1]
         next_position = next_position + 1
-    return tokens, logprobs, finished
+    return tokens[:, : t + 1], logprobs[:, : t + 1], finished
 
 
 def _decode_mask(model: nn.Module, attention_mask: Tensor) -> Tensor:
@@ -180,7 +200,11 @@ def any_rank_running(running: Tensor) -> bool:
 
 
 def sample_next_token(
-    logits: Tensor, params: SamplingParams, generator: torch.Generator | list[torch.Generator] | None = None
+    logits: Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    rows: Tensor | None = None,
+    num_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pick the next token of each row and its log-prob under the sampling policy.
 
@@ -189,6 +213,8 @@ def sample_next_token(
         params: Temperature, top-k and top-p.
         generator: RNG for the sampling noise; or a list of B generators, one per block of
             `N / B` consecutive rows (a prompt's G completions), each drawing its block's noise.
+        rows: With `num_rows`: `logits` are these rows of a batch of `num_rows`; the noise is
+            drawn for the whole batch (the same stream as without the others gone) and these rows used.
 
     Returns:
         `[N]` token ids and `[N]` log-probs from `log_softmax(logits / temperature)` over
@@ -202,9 +228,9 @@ def sample_next_token(
         logprobs = logits.log_softmax(-1)
         if params.top_k > 0 or params.top_p < 1:
             candidates, index = _top_k_top_p(logits, params.top_k, params.top_p)  # [N, K], [N, K]
-            token = index.gather(-1, _gumbel_argmax(candidates, generator)[:, None]).squeeze(-1)
+            token = index.gather(-1, _gumbel_argmax(candidates, generator, rows, num_rows)[:, None]).squeeze(-1)
         else:
-            token = _gumbel_argmax(logits, generator)
+            token = _gumbel_argmax(logits, generator, rows, num_rows)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -225,20 +251,26 @@ def _top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tens
     return candidates, index
 
 
-def _gumbel_argmax(logits: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+def _gumbel_argmax(
+    logits: Tensor, generator: torch.Generator | list[torch.Generator] | None, rows: Tensor | None = None, num_rows: int | None = None
+) -> Tensor:
     """Sample from `softmax(logits)` as `argmax(logits + Gumbel noise)`, with no device sync.
 
     Gumbel noise is `-log(-log(u))` for uniform `u`; drawn from `uniform_` it is several times
     cheaper on CPU than `exponential_` (which `multinomial` uses for one sample). With a list of
-    B generators, generator b draws the noise of rows `b*N/B ... (b+1)*N/B - 1` only.
+    B generators, generator b draws the noise of rows `b*N/B ... (b+1)*N/B - 1` only. With `rows`,
+    `logits` are those rows of a batch of `num_rows`: the noise of all `num_rows` is drawn, these rows' used.
     """
+    total = logits.shape[0] if rows is None else num_rows
     if isinstance(generator, (list, tuple)):
-        rows = logits.shape[0] // len(generator)
-        if rows * len(generator) != logits.shape[0]:
-            raise ValueError(f"{logits.shape[0]} rows cannot be split evenly over {len(generator)} generators")
-        uniform = torch.cat([logits.new_empty(rows, logits.shape[-1]).uniform_(generator=g) for g in generator])  # [N, V]
+        per_generator = total // len(generator)
+        if per_generator * len(generator) != total:
+            raise ValueError(f"{total} rows cannot be split evenly over {len(generator)} generators")
+        uniform = torch.cat([logits.new_empty(per_generator, logits.shape[-1]).uniform_(generator=g) for g in generator])
     else:
-        uniform = torch.empty_like(logits).uniform_(generator=generator)  # [N, V]
+        uniform = logits.new_empty(total, logits.shape[-1]).uniform_(generator=generator)  # [N, V]
+    if rows is not None:
+        uniform = uniform.index_select(0, rows)
     neg_gumbel = uniform.log_().neg_().log_()
     return (logits - neg_gumbel).argmax(-1)
 

@@ -11,6 +11,7 @@ Variants (Dr. GRPO, DAPO, GSPO, RLOO, CISPO, SAPO, ...) are components chosen by
 from __future__ import annotations
 
 import inspect
+import time
 from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from r1_lightning.dynamic_sampling import SampledGroups, refill_informative_groups
@@ -29,10 +30,12 @@ from r1_lightning.evaluation import generate_and_score, raw_completions, scored_
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
 from r1_lightning.modules.grpo_options import (
+    activation_bytes_per_token,
     check_component_options,
     check_options,
     check_sampling,
     check_update_split,
+    default_micro_batch,
 )
 from r1_lightning.modules.plumbing import (
     PREDICT_STREAM,
@@ -47,7 +50,7 @@ from r1_lightning.modules.plumbing import (
     save_training_state,
 )
 from r1_lightning.optim import check_optimizer_options, total_training_steps
-from r1_lightning.parallel import check_backward_passes, clip_grad_norm
+from r1_lightning.parallel import check_backward_passes, clip_grad_norm, is_sharded
 from r1_lightning.policy import LoraSettings, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
 from r1_lightning.rl.advantages import AdvantageEstimator, dynamic_sampling_mask, resolve_advantage_estimator
@@ -104,7 +107,9 @@ class GRPO(L.LightningModule):
             and no extra forward computes π_old.
         mini_batch_size: Completions per optimizer step (default: all B·G of a batch).
         micro_batch_size: Completions per forward/backward (gradient accumulation within a
-            mini-batch; default ``mini_batch_size``).
+            mini-batch). Default: the whole mini-batch, or where its activations would pass ~2 GiB
+            (a 135M model at 32 x 128 tokens) as many whole groups (else completions) as fit, in one
+            process with an aggregation the split cannot change (``grpo_options.default_micro_batch``).
         advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``
             (group mean, std of the global batch) or ``rloo`` (leave-one-out), or an
             ``r1_lightning.rl.advantages.AdvantageEstimator`` (``class_path``).
@@ -159,9 +164,11 @@ class GRPO(L.LightningModule):
             the weights' dtype. The reference model is sharded the same way. See ``r1_lightning.parallel``.
         compile: Run the policy's and reference's training forwards through ``torch.compile``d
             decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.engines.compiled_forward``): on the
-            benchmark's tiny model 10-20% less time per step, after a one-time compile in the first
-            step (~20 s with inductor's on-disk cache warm, 1-2 min cold), so it pays over a few hundred
-            steps. Needs a C++ compiler; where it does not apply or fails, a warning and the eager forward.
+            benchmark's tiny model 10-20% less time per step, after a one-time compile (~20 s with
+            inductor's on-disk cache warm, 1-2 min cold). ``auto`` (default): decide after the first step
+            of the process, from its measured time and the steps left (``compiled_forward.compile_pays``;
+            one log line either way); ``True``: from the first step; ``False``: never. Needs a C++
+            compiler; where it does not apply or fails, a warning and the eager forward.
     """
 
     def __init__(
@@ -216,7 +223,7 @@ class GRPO(L.LightningModule):
         export_hf: bool = True,
         seed: int = 0,
         fsdp_param_dtype: str | None = None,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         objects = ["rewards", "kl_estimator", "rollout_engine", "policy_loss", "kl_penalty"]
@@ -237,6 +244,10 @@ class GRPO(L.LightningModule):
         check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
         check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
+        if compile not in (True, False, "auto"):
+            raise ConfigError(f"compile={compile!r}: choose true, false or auto")
+        self._compile_now = compile is True  # with "auto": decided after this process's first step
+        self._compile_decided = compile != "auto"
         if sampler_correction_threshold <= 0:
             raise ConfigError(f"sampler_correction_threshold={sampler_correction_threshold}: must be > 0")
         self.automatic_optimization = False
@@ -275,7 +286,7 @@ class GRPO(L.LightningModule):
         )
         if self.kl_penalty.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
             self.ref_model = load_frozen(self, hp.model_name_or_path, **common)
-        if hp.compile and (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
+        if hp.compile is True and (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
             rank_zero_warn(f"GRPO(compile=True): the training forwards stay eager: {reason}")
 
     @override
@@ -302,6 +313,7 @@ class GRPO(L.LightningModule):
 
         inputs, target_mask, P = _training_inputs(rollout)
         completion_mask = rollout.completion_mask.bool()  # [B*G, T]
+        training_start, steps_before = time.perf_counter(), self.trainer.global_step
         ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if self.kl_penalty.beta > 0 else None
         metrics: dict[str, torch.Tensor] = {}
         if ref_logprobs is not None and self.kl_penalty.placement == "reward":  # PPO-style: β·KL off each sequence's reward
@@ -313,12 +325,35 @@ class GRPO(L.LightningModule):
 
         for _ in range(hp.num_iterations):
             update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs)
+        if not self._compile_decided:
+            self._decide_compile(time.perf_counter() - training_start, max(self.trainer.global_step - steps_before, 1))
         self.rollout_step += 1
         if sync_seconds is not None:
             metrics["weight_sync_s"] = torch.tensor(sync_seconds)
         self._log_step(rollout, scores, rewards, {**metrics, **mask_metrics, **adv_metrics, **update_metrics})
         record = RolloutBatch(rollout, sampled.texts, rewards.detach(), scores.scores, advantages, G)
         return {"loss": update_metrics["loss"], "rollout": record}
+
+    def _decide_compile(self, training_seconds: float, steps_per_batch: int) -> None:
+        """``compile="auto"``, after this process's first step: compile the training forwards from the next step
+        if it pays over the steps left (``compiled_forward.compile_pays``); one log line either way."""
+        self._compile_decided = True
+        head = "GRPO(compile='auto'): the training forwards"
+        if (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
+            rank_zero_info(f"{head} stay eager: {reason}")
+            return
+        remaining = (self.trainer.estimated_stepping_batches - self.trainer.global_step) / steps_per_batch
+        saving = compiled_forward.AUTO_COMPILE_SAVING * training_seconds * remaining
+        self._compile_now = compiled_forward.compile_pays(training_seconds, remaining)
+        estimate = (
+            f"took {training_seconds:.1f} s in the first step; ~{compiled_forward.AUTO_COMPILE_SAVING:.0%} of that over "
+            f"{remaining:.0f} more steps is {saving:.0f} s against a one-time compile of up to "
+            f"~{compiled_forward.AUTO_COMPILE_COST_S:.0f} s"
+        )
+        if self._compile_now:
+            rank_zero_info(f"{head} are compiled from the next step (a one-time cost in that step): they {estimate}")
+        else:
+            rank_zero_info(f"{head} stay eager (compile: true forces compiling): they {estimate}")
 
     def _sample_groups(self, batch: dict[str, Any]) -> tuple[SampledGroups, int]:
         """This step's B groups of G scored completions, and the extra draws DAPO's over-sampling took to fill them."""
@@ -349,7 +384,7 @@ class GRPO(L.LightningModule):
         hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
         rows = advantages.shape[0]
         mini = hp.mini_batch_size or rows
-        micro = min(hp.micro_batch_size or mini, mini)
+        micro = min(hp.micro_batch_size or self._default_micro_batch(mini, inputs["input_ids"].shape[1] - P), mini)
         check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows, mini):
@@ -388,6 +423,20 @@ class GRPO(L.LightningModule):
             self.engine.mark_stale()  # an engine with its own copy of the weights pushes them before the next rollout
         num_minibatches = -(-rows // mini)
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
+
+    def _default_micro_batch(self, mini: int, row_tokens: int) -> int:
+        """Without ``micro_batch_size``: the whole mini-batch in one forward, unless its activations would pass
+        ``ACTIVATION_BUDGET_BYTES`` (then whole groups, ``default_micro_batch``). Only where the split cannot change the
+        loss: one process, no FSDP1, and an aggregation over the whole mini-batch."""
+        loss = self.policy_loss
+        if (
+            self.trainer.world_size > 1 or is_sharded(self) or getattr(loss, "aggregation", "bnpo") == "bnpo"
+            or getattr(loss, "top_entropy_quantile", 1.0) < 1.0
+        ):
+            return mini
+        model = unwrap_model(self.model)
+        per_token = activation_bytes_per_token(model.config, next(model.parameters()).element_size())
+        return mini if per_token is None else default_micro_batch(mini, self.hparams.num_generations, row_tokens, per_token)
 
     def _sample(self, batch: dict[str, Any], stream: int) -> SampledGroups:
         """G completions for each prompt of ``batch``, and their rewards."""
@@ -452,7 +501,7 @@ class GRPO(L.LightningModule):
         logprobs, entropy = token_logprobs(
             model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
             temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, return_entropy=return_entropy, prompt_length=P,
-            compile=self.hparams.compile,
+            compile=self._compile_now,
         )
         return logprobs[:, P:], None if entropy is None else entropy[:, P:]
 

@@ -68,3 +68,27 @@ def check_component_options(components: dict[str, Any], options: dict[str, Any],
                 f"{component}={given!r} replaces {', '.join(changed)}: set {'them' if len(changed) > 1 else 'it'} "
                 f"in {component}'s init_args instead"
             )
+
+
+# Without `micro_batch_size`: the activations one forward keeps for its backward stay under about this much.
+ACTIVATION_BUDGET_BYTES = 2 << 30
+
+
+def activation_bytes_per_token(config: Any, dtype_bytes: int) -> int | None:
+    """Roughly the bytes a decoder's backward keeps per token: per layer ~10 hidden-sized tensors (norms, Q/K/V,
+    attention output, residuals) and 4 MLP-sized ones (gate, up, activation, product); None for a config without
+    those sizes. On SmolLM2-135M (30 layers, 576 / 1,536): 30 * (5,760 + 6,144) * 4 B = 1.43 MB, measured ~1.6 MB."""
+    sizes = [getattr(config, name, None) for name in ("num_hidden_layers", "hidden_size", "intermediate_size")]
+    if not all(isinstance(size, int) and size > 0 for size in sizes):
+        return None
+    layers, hidden, intermediate = sizes
+    return layers * (10 * hidden + 4 * intermediate) * dtype_bytes
+
+
+def default_micro_batch(rows: int, group: int, row_tokens: int, bytes_per_token: int, budget: int = ACTIVATION_BUDGET_BYTES) -> int:
+    """Completions per micro-batch when none is set: all ``rows`` when their activations fit ``budget``; else as many
+    whole groups of ``group`` as fit (a group's completions share one prompt forward), else as many completions (>= 1)."""
+    fit = max(1, budget // max(row_tokens * bytes_per_token, 1))
+    if fit >= rows:
+        return rows
+    return fit // group * group if fit >= group else fit
