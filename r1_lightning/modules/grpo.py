@@ -313,7 +313,7 @@ class GRPO(L.LightningModule):
 
         inputs, target_mask, P = _training_inputs(rollout)
         completion_mask = rollout.completion_mask.bool()  # [B*G, T]
-        training_start, steps_before = time.perf_counter(), self.trainer.global_step
+        training_start, steps_before = time.process_time(), self.trainer.global_step  # CPU time: load on the machine does not count
         ref_logprobs = self._ref_logprobs(inputs, target_mask, P) if self.kl_penalty.beta > 0 else None
         metrics: dict[str, torch.Tensor] = {}
         if ref_logprobs is not None and self.kl_penalty.placement == "reward":  # PPO-style: β·KL off each sequence's reward
@@ -326,7 +326,7 @@ class GRPO(L.LightningModule):
         for _ in range(hp.num_iterations):
             update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs)
         if not self._compile_decided:
-            self._decide_compile(time.perf_counter() - training_start, max(self.trainer.global_step - steps_before, 1))
+            self._decide_compile(time.process_time() - training_start, max(self.trainer.global_step - steps_before, 1))
         self.rollout_step += 1
         if sync_seconds is not None:
             metrics["weight_sync_s"] = torch.tensor(sync_seconds)
@@ -344,9 +344,10 @@ class GRPO(L.LightningModule):
             return
         remaining = (self.trainer.estimated_stepping_batches - self.trainer.global_step) / steps_per_batch
         saving = compiled_forward.AUTO_COMPILE_SAVING * training_seconds * remaining
-        self._compile_now = compiled_forward.compile_pays(training_seconds, remaining)
+        # Rank 0 decides for every rank: the ranks' timings differ, their runs must not.
+        self._compile_now = bool(self.trainer.strategy.broadcast(compiled_forward.compile_pays(training_seconds, remaining)))
         estimate = (
-            f"took {training_seconds:.1f} s in the first step; ~{compiled_forward.AUTO_COMPILE_SAVING:.0%} of that over "
+            f"took {training_seconds:.1f} CPU-s in the first step; ~{compiled_forward.AUTO_COMPILE_SAVING:.0%} of that over "
             f"{remaining:.0f} more steps is {saving:.0f} s against a one-time compile of up to "
             f"~{compiled_forward.AUTO_COMPILE_COST_S:.0f} s"
         )
