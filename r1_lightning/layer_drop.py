@@ -103,8 +103,18 @@ def layer_dropped_model(model: torch.nn.Module, keep_layers: list[int], option: 
 def write_layer_dropped_copy(
     parent: str, keep_layers: list[int], target: Path, option: str = "keep_layers", trust_remote_code: bool = False
 ) -> Path:
-    """Load ``parent`` (any ``model_name_or_path``: directory, hub id, ``.gguf``, ``builtin:``) and write its
-    layer-dropped copy with the parent's tokenizer to ``target`` (replaced atomically). Returns ``target``."""
+    """Write a copy of ``parent`` that keeps only ``keep_layers``, with the parent's tokenizer, to ``target``.
+
+    Args:
+        parent: Any ``model_name_or_path``: a Hugging Face directory, a hub id, a ``.gguf`` file, a ``builtin:`` name.
+        keep_layers: Indices of the parent's decoder layers to keep, increasing (``check_keep_layers``).
+        target: The directory to write (replaced atomically, like every ``hf_model/``).
+        option: The option's name in error messages.
+        trust_remote_code: Allow model code from the parent's directory.
+
+    Returns:
+        ``target``, a plain Hugging Face directory (``config.json``, safetensors, tokenizer, generation config).
+    """
     check_keep_layers(keep_layers, option=option)
     tokenizer = load_tokenizer(parent, trust_remote_code)
     model = load_model(parent, vocab_size=len(tokenizer), trust_remote_code=trust_remote_code)
