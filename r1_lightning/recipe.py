@@ -16,8 +16,13 @@ A recipe is a plain YAML file::
       - name: grpo
         config: [configs/grpo.yaml]
         model_from: sft              # model_name_or_path = <output_dir>/sft/hf_model
+      - name: student                # a smaller model with the same tokenizer (r1_lightning.layer_drop)
+        command: drop_layers
+        model: builtin:tiny          # or model_from: <stage>
+        keep_layers: [0, 3]          # the parent's decoder layers to keep, copied exactly
       - name: distill
         config: [configs/distill.yaml]
+        model_from: student
         teacher_from: grpo           # teacher_name_or_path = <output_dir>/grpo/hf_model (Distillation)
 
 Paths in a recipe (stage configs, the evaluation config, and values of path options in ``args``
@@ -32,7 +37,8 @@ chain); a ``fit`` stage that was killed mid-run continues from its last checkpoi
 refuses a directory without the manifest. Outputs (``stage.json``, ``results.csv``,
 ``results.png``) are replaced atomically. At the end the recipe prints a table (stage, model
 parameters, held-out accuracy, maj@k, format rate, mean reasoning length, wall time) and writes it
-as ``results.csv`` and ``results.png`` in the output directory.
+as ``results.csv`` and ``results.png`` in the output directory; the plot also draws, for every stage
+that logged it (``ReasoningLengthLogger``), the mean ``<think>`` length over its training steps.
 """
 
 from __future__ import annotations
@@ -53,11 +59,14 @@ import yaml
 
 from r1_lightning.atomic import remove_stray_temporaries, write_bytes_atomic, write_text_atomic
 from r1_lightning.errors import ConfigError
+from r1_lightning.layer_drop import check_keep_layers, write_layer_dropped_copy
 from r1_lightning.lightning_cli import R1CLI
 
 COLUMNS = ["stage", "params", "accuracy", "maj@k", "format", "reasoning_length", "accepted_rows", "wall_time_s"]
 MANIFEST = "recipe_manifest.json"  # in output_dir: the stage directories this recipe made (what --fresh may delete)
 RESULTS = ("results.csv", "results.png")
+COMMANDS = ("fit", "predict", "drop_layers")  # drop_layers: a layer-dropped copy of a model (r1_lightning.layer_drop)
+REASONING_LENGTH_TAG = "reasoning/think_length_mean"  # logged by ReasoningLengthLogger
 # Options in a stage's `args` whose value is a path read relative to the recipe's directory.
 _PATH_OPTION = re.compile(r"(^|[._-])(path|config|[a-z_]*_path|[a-z_]*name_or_path)$")
 
@@ -99,9 +108,18 @@ def load_recipe(path: str) -> dict[str, Any]:
     base = file.resolve().parent
     names: set[str] = set()
     for index, stage in enumerate(recipe["stages"]):
-        if not isinstance(stage, dict) or "name" not in stage or "config" not in stage:
+        if not isinstance(stage, dict) or "name" not in stage:
             raise ConfigError(f"recipe {path}: stage {index} needs 'name' and 'config'")
         check_stage_name(stage["name"], f"recipe {path}: stage {index}: ")
+        command = stage.setdefault("command", "fit")
+        if command not in COMMANDS:
+            raise ConfigError(f"recipe {path}: stage {stage['name']!r}: command={command!r}; use one of {', '.join(COMMANDS)}")
+        if command == "drop_layers":
+            _check_drop_layers_stage(stage, names, base, f"recipe {path}: stage {stage['name']!r}: ")
+            names.add(stage["name"])
+            continue
+        if "config" not in stage:
+            raise ConfigError(f"recipe {path}: stage {index} needs 'name' and 'config'")
         if stage["name"] in names:
             raise ConfigError(f"recipe {path}: two stages are named {stage['name']!r} (each stage needs its own directory)")
         for key in ("model_from", "data_from", "teacher_from"):
@@ -117,6 +135,20 @@ def load_recipe(path: str) -> dict[str, Any]:
         evaluation["config"] = [_existing_config(c, base, f"recipe {path}: evaluation: ") for c in _as_list(evaluation["config"])]
         evaluation["args"] = resolve_args(evaluation.get("args", []), base)
     return recipe
+
+
+def _check_drop_layers_stage(stage: dict[str, Any], earlier: set[str], base: Path, where: str) -> None:
+    """A ``command: drop_layers`` stage: one parent (``model`` or ``model_from``) and a valid ``keep_layers``."""
+    unknown = set(stage) - {"name", "command", "model", "model_from", "keep_layers"}
+    if unknown:
+        raise ConfigError(f"{where}command: drop_layers takes model or model_from, and keep_layers; not {', '.join(sorted(unknown))}")
+    if ("model" in stage) == ("model_from" in stage):
+        raise ConfigError(f"{where}command: drop_layers needs exactly one parent: model (a path or builtin: name) or model_from (a stage)")
+    if stage.get("model_from") is not None and stage["model_from"] not in earlier:
+        raise ConfigError(f"{where}model_from={stage['model_from']!r} is not an earlier stage")
+    if "model" in stage:
+        stage["model"] = resolve_path(str(stage["model"]), base)
+    check_keep_layers(stage.get("keep_layers"), option=f"{where}keep_layers")
 
 
 def resolve_path(value: str, base: Path) -> str:
@@ -239,6 +271,7 @@ def run_recipe(recipe: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]
 def stage_row(stage: dict[str, Any], output_dir: Path, manifest: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any]:
     """Run (or resume, or skip) one stage and return its row of the table; ``stage.json`` records it."""
     name, stage_dir, command = stage["name"], output_dir / stage["name"], stage.get("command", "fit")
+    makes_model = command != "predict"
     for directory in (stage_dir, stage_dir / "checkpoints"):
         remove_stray_temporaries(directory)  # hf_model/, stage.json or a checkpoint of a killed write
     done = stage_dir / "stage.json"
@@ -250,7 +283,7 @@ def stage_row(stage: dict[str, Any], output_dir: Path, manifest: dict[str, Any],
             _write_manifest(output_dir, manifest)
         return row
     record = _claim(stage_dir, output_dir, manifest)
-    if command == "fit" and _stage_output(stage, stage_dir).exists() and "wall_time_s" in record:
+    if makes_model and _stage_output(stage, stage_dir).exists() and "wall_time_s" in record:
         print(f"[recipe] {name}: trained before, evaluating")
     else:
         resume = command == "fit" and has_checkpoint(stage_dir)
@@ -259,7 +292,7 @@ def stage_row(stage: dict[str, Any], output_dir: Path, manifest: dict[str, Any],
         run_stage(stage, stage_dir, output_dir, resume=resume)
         record["wall_time_s"] = round(time.perf_counter() - started, 1)  # of the last attempt
         _write_manifest(output_dir, manifest)
-    if command == "fit":
+    if makes_model:
         row = {"stage": name, **evaluate(evaluation, stage_dir / "hf_model")}
     else:
         row = {"stage": name, "accepted_rows": sum(1 for _ in _stage_output(stage, stage_dir).open())}
@@ -289,7 +322,7 @@ def has_checkpoint(stage_dir: Path) -> bool:
 
 
 def _stage_output(stage: dict[str, Any], stage_dir: Path) -> Path:
-    return stage_dir / ("hf_model/config.json" if stage.get("command", "fit") == "fit" else "accepted.jsonl")
+    return stage_dir / ("accepted.jsonl" if stage.get("command", "fit") == "predict" else "hf_model/config.json")
 
 
 def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path, resume: bool = False) -> None:
@@ -299,8 +332,13 @@ def run_stage(stage: dict[str, Any], stage_dir: Path, output_dir: Path, resume: 
     continues from the newest complete checkpoint (``--ckpt_path last``).
     """
     command = stage.get("command", "fit")
-    if command not in ("fit", "predict"):
-        raise ConfigError(f"recipe stage {stage['name']!r}: command={command!r}; use fit or predict")
+    if command not in COMMANDS:
+        raise ConfigError(f"recipe stage {stage['name']!r}: command={command!r}; use one of {', '.join(COMMANDS)}")
+    if command == "drop_layers":
+        parent = str(output_dir / stage["model_from"] / "hf_model") if stage.get("model_from") else stage["model"]
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_layer_dropped_copy(parent, stage["keep_layers"], stage_dir / "hf_model", option=f"recipe stage {stage['name']!r}: keep_layers")
+        return
     args = [command] + [a for c in _as_list(stage["config"]) for a in ("--config", str(c))]
     if command == "fit":
         args += [
@@ -348,10 +386,31 @@ def write_results(rows: list[dict[str, Any]], output_dir: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(output_dir / "results.csv", table.getvalue())
-    plot_results(rows, output_dir / "results.png")
+    plot_results(rows, output_dir / "results.png", reasoning_curves(output_dir, [r["stage"] for r in rows]))
 
 
-def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
+def reasoning_curves(output_dir: Path, stages: list[str], tag: str = REASONING_LENGTH_TAG) -> dict[str, list[tuple[int, float]]]:
+    """Per stage that logged ``tag`` to TensorBoard in its directory: ``[(step, value), ...]`` in step order.
+
+    A resumed stage writes a second event file; a step logged twice keeps its last value.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = {}
+    for stage in stages:
+        stage_dir = output_dir / stage
+        if not any(stage_dir.glob("events.out.tfevents.*")):
+            continue
+        events = EventAccumulator(str(stage_dir), size_guidance={"scalars": 0})  # 0: keep every point
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            points = {event.step: event.value for event in events.Scalars(tag)}
+            curves[stage] = sorted(points.items())
+    return curves
+
+
+def plot_results(rows: list[dict[str, Any]], path: Path, curves: dict[str, list[tuple[int, float]]] | None = None) -> None:
+    """The held-out scores and reasoning length per stage; with ``curves``, a third panel of them over training steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,7 +418,7 @@ def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
 
     trained = [r for r in rows if "accuracy" in r]  # predict stages (rejection sampling) have no model to score
     stages = [r["stage"] for r in trained]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 3 if curves else 2, figsize=(16 if curves else 11, 4))
     for key in ("accuracy", "maj@k", "format"):
         axes[0].plot(stages, [r.get(key, float("nan")) for r in trained], marker="o", label=key)
     axes[0].set_ylim(0, 1.05)
@@ -367,8 +426,14 @@ def plot_results(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].legend()
     axes[1].bar(stages, [r.get("reasoning_length", float("nan")) for r in trained])
     axes[1].set_title("mean reasoning length (tokens)")
-    for axis in axes:
+    for axis in axes[:2]:
         axis.tick_params(axis="x", labelrotation=20)
+    if curves:
+        for stage, points in curves.items():
+            axes[2].plot([s for s, _ in points], [v for _, v in points], marker=".", label=stage)
+        axes[2].set_xlabel("training step")
+        axes[2].set_title("<think> length in training (tokens, mean per step)")
+        axes[2].legend()
     figure.tight_layout()
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=100)

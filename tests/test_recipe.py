@@ -283,3 +283,28 @@ def test_a_stage_killed_mid_run_resumes_from_its_checkpoint_and_gives_the_uninte
     for name in reference:
         torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-6, msg=name)
     assert json.loads((out / MANIFEST).read_text())["stages"].keys() == {"sft"}
+
+
+def test_the_plot_draws_reasoning_length_over_training_steps(tmp_path) -> None:
+    from matplotlib.image import imread
+    from torch.utils.tensorboard import SummaryWriter
+
+    from r1_lightning.recipe import REASONING_LENGTH_TAG, reasoning_curves, write_results
+
+    def log(stage: str, tag: str, points: list[tuple[int, float]]) -> None:
+        writer = SummaryWriter(str(tmp_path / stage))  # one event file per call, as a resumed stage writes a second one
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+        writer.close()
+
+    log("grpo", REASONING_LENGTH_TAG, [(0, 20.0), (1, 15.0), (2, 99.0)])
+    log("grpo", REASONING_LENGTH_TAG, [(2, 12.0), (3, 10.0)])  # resumed at step 2: its value replaces the killed run's
+    log("sft", "train/loss", [(0, 1.0)])  # a stage without ReasoningLengthLogger has no curve
+    assert reasoning_curves(tmp_path, ["sft", "grpo", "rs"]) == {"grpo": [(0, 20.0), (1, 15.0), (2, 12.0), (3, 10.0)]}
+    rows = [{"stage": "sft", "accuracy": 0.1, "maj@k": 0.1, "format": 0.5, "reasoning_length": 20.0, "wall_time_s": 1.0},
+            {"stage": "grpo", "accuracy": 0.2, "maj@k": 0.2, "format": 0.9, "reasoning_length": 10.0, "wall_time_s": 1.0}]
+    write_results(rows, tmp_path)
+    assert imread(tmp_path / "results.png").shape[1] == 1600  # 16 in x 100 dpi: three panels, the third the curve
+    (tmp_path / "no_curves").mkdir()
+    write_results(rows, tmp_path / "no_curves")
+    assert imread(tmp_path / "no_curves" / "results.png").shape[1] == 1100  # the two panels of before

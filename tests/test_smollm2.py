@@ -235,3 +235,26 @@ def test_cli_trains_the_packaged_model_and_exports_plain_safetensors(config, arg
     exported = AutoTokenizer.from_pretrained(export)
     for text in tokenizer_texts:
         assert exported(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+@pytest.mark.slow
+def test_layer_dropped_student_of_the_packaged_model(tmp_path, model_dir, tokenizer, tokenizer_texts):
+    # The distillation student of configs/recipes/distill_smollm2.yaml, cut to two layers to stay quick.
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from r1_lightning.layer_drop import write_layer_dropped_copy
+
+    student_dir = write_layer_dropped_copy(MODEL, [0, 29], tmp_path / "student")
+    parent, student = load_file(model_dir / "model.safetensors"), load_file(student_dir / "model.safetensors")
+    assert {k: v for k, v in student.items() if ".layers." not in k}.keys() == {k for k in parent if ".layers." not in k}
+    for name, tensor in student.items():
+        assert torch.equal(tensor, parent[name.replace("layers.1.", "layers.29.")]), name
+    exported = AutoTokenizer.from_pretrained(student_dir)
+    for text in tokenizer_texts:
+        assert exported(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert model.config.num_hidden_layers == 2 and model.generation_config.eos_token_id == IM_END
+    prompt = render_prompt(tokenizer, "What is 2 + 3?", SYSTEM, PREFILL)
+    out = model.generate(**exported(prompt, return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > len(exported(prompt)["input_ids"])
