@@ -17,7 +17,8 @@ CPU (most of it inductor's one-time C++ set-up), later processes ~20 s with indu
 cache warm.
 Hidden states equal the Hugging Face forward's to float rounding (tests/test_compiled_forward.py).
 
-`GRPO(compile="auto")`, the default, decides after a process's first step (`compile_pays`): it
+`GRPO(compile="auto")`, the default, decides after a process's second step (`compile_pays`; the first
+carries one-time warm-up costs): it
 compiles when ~15% of that step's training forwards and backward, over the steps left, outweighs a
 cold compile; `compile=True` compiles from the first step. Compilation needs a C++ compiler. Anything `fast_decode.model_unsupported_reason` refuses (other architectures, adapters,
 FSDP shards, rotary scaling, sliding windows, non-CPU devices...) or a model with attention

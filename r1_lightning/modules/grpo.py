@@ -165,8 +165,8 @@ class GRPO(L.LightningModule):
         compile: Run the policy's and reference's training forwards through ``torch.compile``d
             decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.engines.compiled_forward``): on the
             benchmark's tiny model 10-20% less time per step, after a one-time compile (~20 s with
-            inductor's on-disk cache warm, 1-2 min cold). ``auto`` (default): decide after the first step
-            of the process, from its measured time and the steps left (``compiled_forward.compile_pays``;
+            inductor's on-disk cache warm, 1-2 min cold). ``auto`` (default): decide after the second step
+            of the process (the first carries one-time warm-up costs), from its CPU time and the steps left (``compiled_forward.compile_pays``;
             one log line either way); ``True``: from the first step; ``False``: never. Needs a C++
             compiler; where it does not apply or fails, a warning and the eager forward.
     """
@@ -246,8 +246,9 @@ class GRPO(L.LightningModule):
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
         if compile not in (True, False, "auto"):
             raise ConfigError(f"compile={compile!r}: choose true, false or auto")
-        self._compile_now = compile is True  # with "auto": decided after this process's first step
+        self._compile_now = compile is True  # with "auto": decided after this process's second step
         self._compile_decided = compile != "auto"
+        self._steps_in_process = 0
         if sampler_correction_threshold <= 0:
             raise ConfigError(f"sampler_correction_threshold={sampler_correction_threshold}: must be > 0")
         self.automatic_optimization = False
@@ -325,7 +326,8 @@ class GRPO(L.LightningModule):
 
         for _ in range(hp.num_iterations):
             update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs)
-        if not self._compile_decided:
+        self._steps_in_process += 1
+        if not self._compile_decided and self._steps_in_process == 2:  # the first step is warm-up, not typical
             self._decide_compile(time.process_time() - training_start, max(self.trainer.global_step - steps_before, 1))
         self.rollout_step += 1
         if sync_seconds is not None:
@@ -335,7 +337,7 @@ class GRPO(L.LightningModule):
         return {"loss": update_metrics["loss"], "rollout": record}
 
     def _decide_compile(self, training_seconds: float, steps_per_batch: int) -> None:
-        """``compile="auto"``, after this process's first step: compile the training forwards from the next step
+        """``compile="auto"``, after this process's second step: compile the training forwards from the next step
         if it pays over the steps left (``compiled_forward.compile_pays``); one log line either way."""
         self._compile_decided = True
         head = "GRPO(compile='auto'): the training forwards"
@@ -347,7 +349,7 @@ class GRPO(L.LightningModule):
         # Rank 0 decides for every rank: the ranks' timings differ, their runs must not.
         self._compile_now = bool(self.trainer.strategy.broadcast(compiled_forward.compile_pays(training_seconds, remaining)))
         estimate = (
-            f"took {training_seconds:.1f} CPU-s in the first step; ~{compiled_forward.AUTO_COMPILE_SAVING:.0%} of that over "
+            f"took {training_seconds:.1f} CPU-s in the second step; ~{compiled_forward.AUTO_COMPILE_SAVING:.0%} of that over "
             f"{remaining:.0f} more steps is {saving:.0f} s against a one-time compile of up to "
             f"~{compiled_forward.AUTO_COMPILE_COST_S:.0f} s"
         )
