@@ -57,6 +57,19 @@ def compile_pays(training_seconds: float, remaining_steps: float) -> bool:
     return AUTO_COMPILE_SAVING * training_seconds * remaining_steps > AUTO_COMPILE_COST_S
 
 
+def auto_compile_decision(training_seconds: float, remaining_steps: float) -> tuple[bool, str]:
+    """`compile="auto"`'s choice after a step whose training forwards and backward took `training_seconds`
+    (CPU), with `remaining_steps` to go: whether to compile (`compile_pays`) and the one log line saying why."""
+    pays = compile_pays(training_seconds, remaining_steps)
+    saving = AUTO_COMPILE_SAVING * training_seconds * remaining_steps
+    verdict = "are compiled from the next step (a one-time cost in that step)" if pays else "stay eager (compile: true forces compiling)"
+    return pays, (
+        f"the training forwards {verdict}: they took {training_seconds:.1f} CPU-s in the second step; "
+        f"~{AUTO_COMPILE_SAVING:.0%} of that over {remaining_steps:.0f} more steps is {saving:.0f} s against a "
+        f"one-time compile of up to ~{AUTO_COMPILE_COST_S:.0f} s"
+    )
+
+
 def compiled_layers(model: nn.Module) -> CompiledLayers | None:
     """`CompiledLayers` for a Hugging Face causal LM, or None where they do not apply (`unsupported_reason`)."""
     return None if unsupported_reason(model) is not None else CompiledLayers(model)

@@ -30,12 +30,11 @@ from r1_lightning.evaluation import generate_and_score, raw_completions, scored_
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
 from r1_lightning.modules.grpo_options import (
-    activation_bytes_per_token,
     check_component_options,
     check_options,
     check_sampling,
     check_update_split,
-    default_micro_batch,
+    module_micro_batch,
 )
 from r1_lightning.modules.plumbing import (
     PREDICT_STREAM,
@@ -50,7 +49,7 @@ from r1_lightning.modules.plumbing import (
     save_training_state,
 )
 from r1_lightning.optim import check_optimizer_options, total_training_steps
-from r1_lightning.parallel import check_backward_passes, clip_grad_norm, is_sharded
+from r1_lightning.parallel import check_backward_passes, clip_grad_norm
 from r1_lightning.policy import LoraSettings, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
 from r1_lightning.rl.advantages import AdvantageEstimator, dynamic_sampling_mask, resolve_advantage_estimator
@@ -107,9 +106,8 @@ class GRPO(L.LightningModule):
             and no extra forward computes π_old.
         mini_batch_size: Completions per optimizer step (default: all B·G of a batch).
         micro_batch_size: Completions per forward/backward (gradient accumulation within a
-            mini-batch). Default: the whole mini-batch, or where its activations would pass ~2 GiB
-            (a 135M model at 32 x 128 tokens) as many whole groups (else completions) as fit, in one
-            process with an aggregation the split cannot change (``grpo_options.default_micro_batch``).
+            mini-batch). Default: the whole mini-batch, or where its activations would pass ~2 GiB (a 135M
+            model at 32 x 128 tokens) as many whole groups as fit (``grpo_options.module_micro_batch``).
         advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``
             (group mean, std of the global batch) or ``rloo`` (leave-one-out), or an
             ``r1_lightning.rl.advantages.AdvantageEstimator`` (``class_path``).
@@ -162,13 +160,11 @@ class GRPO(L.LightningModule):
         fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype weights are gathered and
             computed in (e.g. ``bfloat16`` over ``dtype: float32`` weights and optimizer state); None:
             the weights' dtype. The reference model is sharded the same way. See ``r1_lightning.parallel``.
-        compile: Run the policy's and reference's training forwards through ``torch.compile``d
-            decoder layers (Qwen2/Llama/Mistral on CPU; ``r1_lightning.engines.compiled_forward``): on the
-            benchmark's tiny model 10-20% less time per step, after a one-time compile (~20 s with
-            inductor's on-disk cache warm, 1-2 min cold). ``auto`` (default): decide after the second step
-            of the process (the first carries one-time warm-up costs), from its CPU time and the steps left (``compiled_forward.compile_pays``;
-            one log line either way); ``True``: from the first step; ``False``: never. Needs a C++
-            compiler; where it does not apply or fails, a warning and the eager forward.
+        compile: ``torch.compile``d decoder layers for the training forwards (Qwen2/Llama/Mistral on CPU;
+            ``engines.compiled_forward``): 10-20% less time per step after a 20 s-2 min one-time compile.
+            ``auto`` (default): decided, with one log line, after the process's second step (the first is
+            warm-up) from its CPU time and the steps left; ``True``: always; ``False``: never. Without a C++
+            compiler, or on a model it does not apply to, the forward stays eager (one warning).
     """
 
     def __init__(
@@ -247,7 +243,6 @@ class GRPO(L.LightningModule):
         if compile not in (True, False, "auto"):
             raise ConfigError(f"compile={compile!r}: choose true, false or auto")
         self._compile_now = compile is True  # with "auto": decided after this process's second step
-        self._compile_decided = compile != "auto"
         self._steps_in_process = 0
         if sampler_correction_threshold <= 0:
             raise ConfigError(f"sampler_correction_threshold={sampler_correction_threshold}: must be > 0")
@@ -327,7 +322,7 @@ class GRPO(L.LightningModule):
         for _ in range(hp.num_iterations):
             update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs)
         self._steps_in_process += 1
-        if not self._compile_decided and self._steps_in_process == 2:  # the first step is warm-up, not typical
+        if hp.compile == "auto" and self._steps_in_process == 2:  # once a process; its first step is warm-up
             self._decide_compile(time.process_time() - training_start, max(self.trainer.global_step - steps_before, 1))
         self.rollout_step += 1
         if sync_seconds is not None:
@@ -338,25 +333,15 @@ class GRPO(L.LightningModule):
 
     def _decide_compile(self, training_seconds: float, steps_per_batch: int) -> None:
         """``compile="auto"``, after this process's second step: compile the training forwards from the next step
-        if it pays over the steps left (``compiled_forward.compile_pays``); one log line either way."""
-        self._compile_decided = True
-        head = "GRPO(compile='auto'): the training forwards"
+        if it pays over the steps left (``compiled_forward.auto_compile_decision``); one log line either way."""
         if (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
-            rank_zero_info(f"{head} stay eager: {reason}")
+            rank_zero_info(f"GRPO(compile='auto'): the training forwards stay eager: {reason}")
             return
         remaining = (self.trainer.estimated_stepping_batches - self.trainer.global_step) / steps_per_batch
-        saving = compiled_forward.AUTO_COMPILE_SAVING * training_seconds * remaining
+        pays, line = compiled_forward.auto_compile_decision(training_seconds, remaining)
         # Rank 0 decides for every rank: the ranks' timings differ, their runs must not.
-        self._compile_now = bool(self.trainer.strategy.broadcast(compiled_forward.compile_pays(training_seconds, remaining)))
-        estimate = (
-            f"took {training_seconds:.1f} CPU-s in the second step; ~{compiled_forward.AUTO_COMPILE_SAVING:.0%} of that over "
-            f"{remaining:.0f} more steps is {saving:.0f} s against a one-time compile of up to "
-            f"~{compiled_forward.AUTO_COMPILE_COST_S:.0f} s"
-        )
-        if self._compile_now:
-            rank_zero_info(f"{head} are compiled from the next step (a one-time cost in that step): they {estimate}")
-        else:
-            rank_zero_info(f"{head} stay eager (compile: true forces compiling): they {estimate}")
+        self._compile_now = bool(self.trainer.strategy.broadcast(pays))
+        rank_zero_info(f"GRPO(compile='auto'): {line}")
 
     def _sample_groups(self, batch: dict[str, Any]) -> tuple[SampledGroups, int]:
         """This step's B groups of G scored completions, and the extra draws DAPO's over-sampling took to fill them."""
@@ -387,7 +372,7 @@ class GRPO(L.LightningModule):
         hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
         rows = advantages.shape[0]
         mini = hp.mini_batch_size or rows
-        micro = min(hp.micro_batch_size or self._default_micro_batch(mini, inputs["input_ids"].shape[1] - P), mini)
+        micro = min(hp.micro_batch_size or module_micro_batch(self, mini, inputs["input_ids"].shape[1] - P), mini)
         check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows, mini):
@@ -426,20 +411,6 @@ class GRPO(L.LightningModule):
             self.engine.mark_stale()  # an engine with its own copy of the weights pushes them before the next rollout
         num_minibatches = -(-rows // mini)
         return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
-
-    def _default_micro_batch(self, mini: int, row_tokens: int) -> int:
-        """Without ``micro_batch_size``: the whole mini-batch in one forward, unless its activations would pass
-        ``ACTIVATION_BUDGET_BYTES`` (then whole groups, ``default_micro_batch``). Only where the split cannot change the
-        loss: one process, no FSDP1, and an aggregation over the whole mini-batch."""
-        loss = self.policy_loss
-        if (
-            self.trainer.world_size > 1 or is_sharded(self) or getattr(loss, "aggregation", "bnpo") == "bnpo"
-            or getattr(loss, "top_entropy_quantile", 1.0) < 1.0
-        ):
-            return mini
-        model = unwrap_model(self.model)
-        per_token = activation_bytes_per_token(model.config, next(model.parameters()).element_size())
-        return mini if per_token is None else default_micro_batch(mini, self.hparams.num_generations, row_tokens, per_token)
 
     def _sample(self, batch: dict[str, Any], stream: int) -> SampledGroups:
         """G completions for each prompt of ``batch``, and their rewards."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from r1_lightning.errors import ConfigError
+from r1_lightning.parallel import is_sharded
+from r1_lightning.policy import unwrap_model
 from r1_lightning.rl.losses import AGGREGATIONS
 
 
@@ -92,3 +94,18 @@ def default_micro_batch(rows: int, group: int, row_tokens: int, bytes_per_token:
     if fit >= rows:
         return rows
     return fit // group * group if fit >= group else fit
+
+
+def module_micro_batch(module: Any, mini: int, row_tokens: int) -> int:
+    """A GRPO module's default micro-batch (no ``micro_batch_size``): the whole mini-batch, unless its activations
+    would pass ``ACTIVATION_BUDGET_BYTES`` (then whole groups, ``default_micro_batch``). Only where the split cannot
+    change the loss: one process, no FSDP1, and an aggregation over the whole mini-batch."""
+    loss = module.policy_loss
+    if (
+        module.trainer.world_size > 1 or is_sharded(module) or getattr(loss, "aggregation", "bnpo") == "bnpo"
+        or getattr(loss, "top_entropy_quantile", 1.0) < 1.0
+    ):
+        return mini
+    model = unwrap_model(module.model)
+    per_token = activation_bytes_per_token(model.config, next(model.parameters()).element_size())
+    return mini if per_token is None else default_micro_batch(mini, module.hparams.num_generations, row_tokens, per_token)
