@@ -68,6 +68,10 @@ class PeakMemory:
         }
 
 
+def _high_water_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class PhaseClock:
     """Wall-clock seconds per phase and step, from timed wrappers around each system's own methods.
 
@@ -80,6 +84,9 @@ class PhaseClock:
         self._current: dict[str, float] = defaultdict(float)
         self._cpu: dict[str, float] = defaultdict(float)
         self._stack: list[list[float]] = []  # [start, CPU start, seconds and CPU seconds of the phases inside]
+        # MiB by which each phase pushed the process's resident high-water mark up (over the whole run): the
+        # phases holding a non-zero figure are where peak memory is set.
+        self.peak_rise_mib: dict[str, float] = defaultdict(float)
 
     def wrap(self, owner, name: str, phase: str | Callable[..., str]) -> None:
         """Time every call of ``owner.name`` (a method, replaced on the instance) as ``phase`` (or ``phase(*args)``)."""
@@ -88,6 +95,7 @@ class PhaseClock:
         def timed(*args, **kwargs):
             label = phase(*args, **kwargs) if callable(phase) else phase
             self._stack.append([time.perf_counter(), time.process_time(), 0.0, 0.0])
+            high_water = _high_water_mib()
             try:
                 return original(*args, **kwargs)
             finally:
@@ -96,6 +104,7 @@ class PhaseClock:
                 elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 self._current[label] += elapsed - inner
                 self._cpu[label] += cpu - cpu_inner
+                self.peak_rise_mib[label] += _high_water_mib() - high_water  # nested phases' rises count here too
                 if self._stack:
                     self._stack[-1][2] += elapsed
                     self._stack[-1][3] += cpu
@@ -134,4 +143,5 @@ def step_summary(
         "step_completion_tokens": completion_tokens,
         "step_phases": phases,
         "step_phases_cpu": clock.cpu_steps,
+        "peak_rise_mib": {name: round(mib, 1) for name, mib in clock.peak_rise_mib.items()},
     }

@@ -343,7 +343,7 @@ def token_logprobs(
     position_ids: torch.Tensor | None,
     target_mask: torch.Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     return_entropy: bool = False,
     prompt_length: int | None = None,
     compile: bool = False,

@@ -436,13 +436,19 @@ def test_default_micro_batch_keeps_activations_under_the_budget_in_whole_groups(
     from transformers import LlamaConfig
 
     # SmolLM2-135M: 30 * (10 * 576 + 4 * 1536) * 4 B = 1,428,480 B per token; 128 tokens a row = 182,845,440 B;
-    # 2 GiB / that = 11.7 -> 11 rows fit: one whole group of 8; of 4 -> two groups (8); of 16 -> not one: 11 completions.
+    # 2 GiB / that = 11.7 -> 11 rows fit: one whole group of 8; of 4 -> two groups (8); of 16 -> not one group: the
+    # fewest completions whose prompt re-runs stay under 10% of the work, ceil(P / (0.1 * 128)), at most the 11 that fit.
     smollm2 = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)
     per_token = activation_bytes_per_token(smollm2, 4)
     assert per_token == 1_428_480 and ACTIVATION_BUDGET_BYTES == 2 << 30
     assert default_micro_batch(32, 8, 128, per_token) == 8
     assert default_micro_batch(32, 4, 128, per_token) == 8
-    assert default_micro_batch(32, 16, 128, per_token) == 11
+    assert default_micro_batch(32, 16, 128, per_token, prompt_tokens=45) == 4  # 45 / 12.8 = 3.5
+    assert default_micro_batch(32, 16, 128, per_token, prompt_tokens=0) == 1
+    assert default_micro_batch(32, 16, 128, per_token, prompt_tokens=1_000) == 11  # never more than fit
+    # Forced 512-token completions of 40-token prompts, groups of 4: 512 * 1.43 MB = 731 MB a row, 2 GiB fits 2
+    # (not a group): one completion per micro-batch (40 / 51.2 -> 1).
+    assert default_micro_batch(8, 4, 512, per_token, prompt_tokens=40) == 1
     assert default_micro_batch(32, 8, 32, per_token) == 32  # 32 * 32 * 1.43 MB = 1.46 GB: all in one
     assert default_micro_batch(32, 8, 10_000, per_token) == 1  # never below one completion
     assert activation_bytes_per_token(object(), 4) is None

@@ -230,3 +230,18 @@ def test_shared_prompt_forward_runs_each_prompt_once():
     handle.remove()
     # The 2 distinct prompts (P = 4 columns), then the 4 completions: their last token predicts nothing.
     assert rows_seen == [(2, P), (4, 3)]
+
+
+def test_default_chunk_rows_bound_the_head_buffer_by_bytes():
+    from r1_lightning.engines.logprobs import CHUNK_LOGITS_BYTES, default_chunk_rows
+
+    # 256 MiB of float32 logits: 268,435,456 / (4 * 151,936) = 441.7 -> 441 rows (was a fixed 1,024: 622 MB);
+    # 49,152 -> 1,365, capped at 1,024; an absurd vocabulary still gets SCRATCH_ROWS rows.
+    assert CHUNK_LOGITS_BYTES == 256 << 20
+    assert default_chunk_rows(151_936) == 441
+    assert default_chunk_rows(49_152) == 1024
+    assert default_chunk_rows(10_000_000) == 64
+    hidden, weight = torch.randn(1500, 8, dtype=torch.float64), torch.randn(300, 8, dtype=torch.float64)
+    targets = torch.randint(0, 300, (1500,))
+    default, _ = chunked_token_logprobs(hidden, weight, targets)  # no chunk_size: 1,024 rows, then 476
+    torch.testing.assert_close(default, _naive(hidden, weight, targets, None, 1.0)[0])

@@ -63,6 +63,16 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
 
 # Rows per block of the exp-and-sum passes: their scratch is [SCRATCH_ROWS, V], not a second [C, V].
 SCRATCH_ROWS = 64
+# Without a `chunk_size`, a chunk's `[C, V]` float32 logits take at most this much: 1,024 rows up to a 65,536-token
+# vocabulary, fewer above it (441 at Qwen2's 151,936), so the head's buffer does not grow with the vocabulary.
+# At 151,936 and 2,048-token completions 1,024-row chunks made a quarter of the step's peak memory (benchmarks/).
+CHUNK_LOGITS_BYTES = 256 << 20
+MAX_CHUNK_ROWS = 1024
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per LM-head chunk when none is given: ``CHUNK_LOGITS_BYTES`` of float32 logits, in [SCRATCH_ROWS, MAX_CHUNK_ROWS]."""
+    return max(SCRATCH_ROWS, min(MAX_CHUNK_ROWS, CHUNK_LOGITS_BYTES // (4 * vocab_size)))
 
 
 def _forward_chunk(
@@ -151,7 +161,7 @@ def chunked_token_logprobs(
     targets: Tensor,
     bias: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     return_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(target) = log_softmax((hidden @ weight.T + bias) / temperature)[target], chunked.
@@ -169,13 +179,15 @@ def chunked_token_logprobs(
         bias: Optional LM-head bias, `[V]`.
         temperature: The sampling temperature the policy is scored at.
         chunk_size: Rows per chunk; the extra memory is one `chunk_size × V` float32 buffer
-            (plus `SCRATCH_ROWS × V` scratch).
+            (plus `SCRATCH_ROWS × V` scratch). Default: `default_chunk_rows(V)`.
         return_entropy: Also return the entropy of each row's (temperature-scaled) distribution,
             detached, for logging.
 
     Returns:
         Float32 log-probs shaped like `targets`, and the entropies (same shape) or `None`.
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     if hidden.shape[:-1] != targets.shape or hidden.shape[-1] != weight.shape[-1]:

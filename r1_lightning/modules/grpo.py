@@ -107,7 +107,8 @@ class GRPO(L.LightningModule):
         mini_batch_size: Completions per optimizer step (default: all B·G of a batch).
         micro_batch_size: Completions per forward/backward (gradient accumulation within a
             mini-batch). Default: the whole mini-batch, or where its activations would pass ~2 GiB (a 135M
-            model at 32 x 128 tokens) as many whole groups as fit (``grpo_options.module_micro_batch``).
+            model at 32 x 128 tokens) as many whole groups as fit, or, where not one group fits, the fewest
+            completions whose prompt re-runs stay cheap (``grpo_options.module_micro_batch``).
         advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``
             (group mean, std of the global batch) or ``rloo`` (leave-one-out), or an
             ``r1_lightning.rl.advantages.AdvantageEstimator`` (``class_path``).
@@ -142,7 +143,8 @@ class GRPO(L.LightningModule):
         gradient_checkpointing: Recompute activations in the backward pass.
         lora: Train a LoRA adapter; the reference is then the base model with the adapter disabled.
         trust_remote_code: Allow model code from the model directory.
-        logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary.
+        logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary (default: as many as keep one
+            chunk's float32 logits under 256 MiB, at most 1,024).
         eval_num_samples: k, completions per validation prompt (pass@1 averaged over k, maj@k).
         eval_temperature: Validation sampling temperature (0 = greedy, then use k = 1).
         eval_max_new_tokens: Validation token budget (default ``max_new_tokens``).
@@ -207,7 +209,7 @@ class GRPO(L.LightningModule):
         gradient_checkpointing: bool = False,
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int | None = None,
         eval_num_samples: int = 4,
         eval_temperature: float = 1.0,
         eval_max_new_tokens: int | None = None,
@@ -372,7 +374,7 @@ class GRPO(L.LightningModule):
         hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
         rows = advantages.shape[0]
         mini = hp.mini_batch_size or rows
-        micro = min(hp.micro_batch_size or module_micro_batch(self, mini, inputs["input_ids"].shape[1] - P), mini)
+        micro = min(hp.micro_batch_size or module_micro_batch(self, mini, inputs["input_ids"].shape[1] - P, P), mini)
         check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows, mini):
