@@ -89,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="our GRPO(compile=...): default leaves the project's default (auto), on/off force it")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
     p.add_argument("--trl-compile", action="store_true", help="TRL with its torch_compile option (compiles the whole model)")
+    p.add_argument("--trl-continuous-batching", action="store_true",
+                   help="TRL generating through transformers' continuous batching (use_transformers_continuous_batching)")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="generation on both sides: hf (each side's default) or vllm (ours VLLMEngine, TRL use_vllm colocate)")
     p.add_argument("--memory-cap-gib", type=float, default=9.0,
                    help="a run past this resident memory stops and is reported as out of memory (default 9)")
     p.add_argument("--plot", default=None, help="with --lengths: save the log-log plot here (default benchmarks/lengths_<model>.png)")
@@ -218,11 +222,16 @@ def run_ours(args) -> None:
 
     work = Path(args.workdir)
     L.seed_everything(args.seed, verbose=False)
+    engine = {}
+    if args.engine == "vllm":
+        from r1_lightning.engines import VLLMEngine
+
+        engine = {"rollout_engine": VLLMEngine(max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)}
     module = GRPO(
         model_name_or_path=str(work / "model"), rewards=[digit_reward], num_generations=args.num_generations,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=args.beta, learning_rate=args.lr,
         weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0, export_hf=False, seed=args.seed,
-        **({} if args.compile == "default" else {"compile": args.compile == "on"}),
+        **({} if args.compile == "default" else {"compile": args.compile == "on"}), **engine,
     )
     if args.force_length:  # every completion runs to max_new_tokens: no token ends it
         original = module.sampling_params
@@ -299,7 +308,9 @@ def run_trl(args) -> None:
         shuffle_dataset=False, seed=args.seed, use_cpu=args.device == "cpu", bf16=False, fp16=False,
         save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
         dataloader_num_workers=0, log_completions=False, model_init_kwargs={"dtype": torch.float32},
-        torch_compile=args.trl_compile,
+        torch_compile=args.trl_compile, use_transformers_continuous_batching=args.trl_continuous_batching,
+        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": args.max_prompt_length + args.max_new_tokens}
+           if args.engine == "vllm" else {}),
         # Forced length: EOS gets probability 0 until max_new_tokens (transformers' MinNewTokensLogitsProcessor).
         generation_kwargs={"min_new_tokens": args.max_new_tokens} if args.force_length else None,
     )
@@ -319,6 +330,8 @@ def run_trl(args) -> None:
     clock.wrap(trainer, "_calculate_rewards", "rewards")
     clock.wrap(trainer, "_get_per_token_logps_and_entropies", logprob_phase)
     clock.wrap(trainer.accelerator, "backward", "backward")
+    if args.engine == "vllm":
+        clock.wrap(trainer.vllm_generation, "sync_weights", "weight_sync")
     trainer.train()
     summary = step_summary(timer.times, timer.tokens, completion_tokens.per_step, args.warmup, timer.cpu_times, clock)
     result = {"system": "trl", **summary, **memory.stop()}
@@ -396,11 +409,13 @@ def run_generation(args) -> None:
 def _child(args, role: str) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--role", role, "--workdir", args.workdir]
     for name in ("workload", "device", "prompts", "num_generations", "max_new_tokens", "max_prompt_length", "temperature", "beta",
-                 "lr", "steps", "warmup", "rounds", "gen_repeats", "threads", "seed", "compile", "memory_cap_gib"):
+                 "lr", "steps", "warmup", "rounds", "gen_repeats", "threads", "seed", "compile", "memory_cap_gib", "engine"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.vocab:
         argv += ["--vocab", str(args.vocab)]
-    argv += [flag for flag, on in (("--force-length", args.force_length), ("--trl-compile", args.trl_compile)) if on]
+    flags = (("--force-length", args.force_length), ("--trl-compile", args.trl_compile),
+             ("--trl-continuous-batching", args.trl_continuous_batching))
+    argv += [flag for flag, on in flags if on]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     repo = str(Path(__file__).resolve().parents[1])
