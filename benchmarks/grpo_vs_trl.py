@@ -91,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trl-compile", action="store_true", help="TRL with its torch_compile option (compiles the whole model)")
     p.add_argument("--trl-continuous-batching", action="store_true",
                    help="TRL generating through transformers' continuous batching (use_transformers_continuous_batching)")
-    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
-                   help="generation on both sides: hf (each side's default) or vllm (ours VLLMEngine, TRL use_vllm colocate)")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm", "vllm-ours"],
+                   help="generation: hf (each side's default), vllm (ours VLLMEngine, TRL use_vllm colocate) or vllm-ours (ours only)")
     p.add_argument("--memory-cap-gib", type=float, default=9.0,
                    help="a run past this resident memory stops and is reported as out of memory (default 9)")
     p.add_argument("--plot", default=None, help="with --lengths: save the log-log plot here (default benchmarks/lengths_<model>.png)")
@@ -223,7 +223,7 @@ def run_ours(args) -> None:
     work = Path(args.workdir)
     L.seed_everything(args.seed, verbose=False)
     engine = {}
-    if args.engine == "vllm":
+    if args.engine in ("vllm", "vllm-ours"):
         from r1_lightning.engines import VLLMEngine
 
         engine = {"rollout_engine": VLLMEngine(max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)}

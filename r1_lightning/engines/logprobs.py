@@ -65,13 +65,14 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
 SCRATCH_ROWS = 64
 # Without a `chunk_size`, a chunk's `[C, V]` float32 logits take at most this much: 1,024 rows up to a 65,536-token
 # vocabulary, fewer above it (441 at Qwen2's 151,936), so the head's buffer does not grow with the vocabulary.
-# At 151,936 and 2,048-token completions 1,024-row chunks made a quarter of the step's peak memory (benchmarks/).
+# At 151,936 and 2,048-token completions a 1,024-row chunk (622 MB) was a fifth of the step's peak memory (benchmarks/).
 CHUNK_LOGITS_BYTES = 256 << 20
 MAX_CHUNK_ROWS = 1024
 
 
 def default_chunk_rows(vocab_size: int) -> int:
-    """Rows per LM-head chunk when none is given: ``CHUNK_LOGITS_BYTES`` of float32 logits, in [SCRATCH_ROWS, MAX_CHUNK_ROWS]."""
+    """Rows per LM-head chunk when none is given: ``CHUNK_LOGITS_BYTES`` of float32 logits, within
+    [SCRATCH_ROWS, MAX_CHUNK_ROWS]."""
     return max(SCRATCH_ROWS, min(MAX_CHUNK_ROWS, CHUNK_LOGITS_BYTES // (4 * vocab_size)))
 
 

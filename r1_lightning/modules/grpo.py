@@ -105,10 +105,9 @@ class GRPO(L.LightningModule):
         num_iterations: μ, policy updates per batch of rollouts. At 1 the ratio is 1 in value
             and no extra forward computes π_old.
         mini_batch_size: Completions per optimizer step (default: all B·G of a batch).
-        micro_batch_size: Completions per forward/backward (gradient accumulation within a
-            mini-batch). Default: the whole mini-batch, or where its activations would pass ~2 GiB (a 135M
-            model at 32 x 128 tokens) as many whole groups as fit, or, where not one group fits, the fewest
-            completions whose prompt re-runs stay cheap (``grpo_options.module_micro_batch``).
+        micro_batch_size: Completions per forward/backward (gradient accumulation within a mini-batch). Default:
+            the whole mini-batch, or where its activations would pass ~2 GiB as many whole groups as fit, or
+            the fewest completions whose prompt re-runs stay cheap (``grpo_options.module_micro_batch``).
         advantage_estimator: ``grpo`` (group mean/std), ``dr_grpo`` (mean only), ``batch_std``
             (group mean, std of the global batch) or ``rloo`` (leave-one-out), or an
             ``r1_lightning.rl.advantages.AdvantageEstimator`` (``class_path``).
@@ -143,8 +142,8 @@ class GRPO(L.LightningModule):
         gradient_checkpointing: Recompute activations in the backward pass.
         lora: Train a LoRA adapter; the reference is then the base model with the adapter disabled.
         trust_remote_code: Allow model code from the model directory.
-        logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary (default: as many as keep one
-            chunk's float32 logits under 256 MiB, at most 1,024).
+        logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary (default:
+            ``engines.logprobs.default_chunk_rows``).
         eval_num_samples: k, completions per validation prompt (pass@1 averaged over k, maj@k).
         eval_temperature: Validation sampling temperature (0 = greedy, then use k = 1).
         eval_max_new_tokens: Validation token budget (default ``max_new_tokens``).
