@@ -83,9 +83,10 @@ class PhaseClock:
         self.device, self.steps, self.cpu_steps = device, [], []
         self._current: dict[str, float] = defaultdict(float)
         self._cpu: dict[str, float] = defaultdict(float)
-        self._stack: list[list[float]] = []  # [start, CPU start, seconds and CPU seconds of the phases inside]
-        # MiB by which each phase pushed the process's resident high-water mark up (over the whole run): the
-        # phases holding a non-zero figure are where peak memory is set.
+        # [start, CPU start, seconds and CPU seconds of the phases inside, high-water mark at start, MiB it rose inside]
+        self._stack: list[list[float]] = []
+        # MiB by which each phase pushed the process's resident high-water mark up (over the whole run, nested
+        # phases excluded from their parent as for time): the phases holding a non-zero figure set peak memory.
         self.peak_rise_mib: dict[str, float] = defaultdict(float)
 
     def wrap(self, owner, name: str, phase: str | Callable[..., str]) -> None:
@@ -94,20 +95,21 @@ class PhaseClock:
 
         def timed(*args, **kwargs):
             label = phase(*args, **kwargs) if callable(phase) else phase
-            self._stack.append([time.perf_counter(), time.process_time(), 0.0, 0.0])
-            high_water = _high_water_mib()
+            self._stack.append([time.perf_counter(), time.process_time(), 0.0, 0.0, _high_water_mib(), 0.0])
             try:
                 return original(*args, **kwargs)
             finally:
                 sync(self.device)
-                start, cpu_start, inner, cpu_inner = self._stack.pop()
+                start, cpu_start, inner, cpu_inner, high_water, inner_rise = self._stack.pop()
                 elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                rise = _high_water_mib() - high_water
                 self._current[label] += elapsed - inner
                 self._cpu[label] += cpu - cpu_inner
-                self.peak_rise_mib[label] += _high_water_mib() - high_water  # nested phases' rises count here too
+                self.peak_rise_mib[label] += rise - inner_rise
                 if self._stack:
                     self._stack[-1][2] += elapsed
                     self._stack[-1][3] += cpu
+                    self._stack[-1][5] += rise
 
         setattr(owner, name, timed)
 

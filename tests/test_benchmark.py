@@ -76,3 +76,23 @@ def test_length_sweep_table_and_plot_show_an_out_of_memory_point(tmp_path):
     assert "out of memory at 9 GiB" in text[3] and text[3].split()[2] == "OOM"
     bench_report.plot_lengths(sweep, "test", str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_phase_clock_leaves_a_nested_phase_out_of_its_parent():
+    from bench_common import PhaseClock
+
+    class Step:
+        def sample(self):  # wraps generation, as our `_sample` wraps `engine.generate`
+            return self.generate()
+
+        def generate(self):
+            self.buffer = bytearray(200 << 20)  # 200 MiB, written so every page is resident
+            self.buffer[::4096] = b"\1" * len(self.buffer[::4096])
+
+    step, clock = Step(), PhaseClock("cpu")
+    clock.wrap(step, "generate", "generation")
+    clock.wrap(step, "sample", "rewards")
+    step.sample()
+    # The high-water mark rose ~200 MiB inside generation; the rewards phase around it raised it by ~nothing.
+    assert clock.peak_rise_mib["generation"] > 150
+    assert abs(clock.peak_rise_mib["rewards"]) < 20

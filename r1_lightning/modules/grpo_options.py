@@ -112,7 +112,7 @@ def default_micro_batch(
 
 def module_micro_batch(module: Any, mini: int, row_tokens: int, prompt_tokens: int) -> int:
     """A GRPO module's default micro-batch (no ``micro_batch_size``): the whole mini-batch, unless its activations
-    would pass ``ACTIVATION_BUDGET_BYTES`` (then whole groups, ``default_micro_batch``). Only where the split cannot
+    would pass ``ACTIVATION_BUDGET_BYTES`` (then whole groups or a split group, ``default_micro_batch``). Only where the split cannot
     change the loss: one process, no FSDP1, and an aggregation over the whole mini-batch."""
     loss = module.policy_loss
     if (

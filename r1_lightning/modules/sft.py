@@ -48,8 +48,8 @@ class PolicySFT(L.LightningModule):
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         lora: Train a LoRA adapter instead of all weights (needs ``peft``).
         trust_remote_code: Allow model code from the model directory (off: only transformers' own).
-        logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary (default: as many as keep one
-            chunk's float32 logits under 256 MiB, at most 1,024).
+        logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary (default:
+            ``engines.logprobs.default_chunk_rows``).
         eval_max_new_tokens: Token budget of generated answers in validation.
         eval_num_samples: Completions per validation prompt (1 with ``eval_temperature: 0`` = greedy).
         eval_temperature: Sampling temperature in validation (0 = greedy).
