@@ -20,6 +20,7 @@ The tokenizer itself is never changed: no tokens are added.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -33,6 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from r1_lightning.errors import ConfigError
+from r1_lightning.rl.cpu_matmul import onednn_linears
 
 BUILTIN_PREFIX = "builtin:"
 THINK_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -375,6 +377,16 @@ def token_logprobs(
 
 
 def _token_logprobs(
+    model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # Eager forwards run their linears through oneDNN where this CPU favours it (compiled ones as inductor emits them).
+    with contextlib.nullcontext() if compile else onednn_linears():
+        return _token_logprobs_body(
+            model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
+        )
+
+
+def _token_logprobs_body(
     model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     from r1_lightning.engines.compiled_forward import compiled_layers

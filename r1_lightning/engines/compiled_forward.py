@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from r1_lightning.engines.fast_decode import apply_rotary, model_unsupported_reason, rms_norm, rotary
+from r1_lightning.rl import cpu_matmul
 
 # compile="auto": a cold compile on the 2-core CPU took 75-115 s (warm 20-22 s); the compiled layers cut the training
 # forwards and backward by ~16% on the benchmark's tiny model (benchmarks/README.md).
@@ -68,6 +69,19 @@ def auto_compile_decision(training_seconds: float, remaining_steps: float) -> tu
         f"~{AUTO_COMPILE_SAVING:.0%} of that over {remaining_steps:.0f} more steps is {saving:.0f} s against a "
         f"one-time compile of up to ~{AUTO_COMPILE_COST_S:.0f} s"
     )
+
+
+def auto_unsupported_reason(model: nn.Module) -> str | None:
+    """Why `compile="auto"` keeps `model`'s training forwards eager whatever the run's length, or None: they
+    cannot be compiled (`unsupported_reason`), or its float32 products run through oneDNN on this CPU, which
+    the compiled layers would not use (inductor sends them to the default BLAS; `rl.cpu_matmul`)."""
+    reason = unsupported_reason(model)
+    if reason is None and cpu_matmul.eligible(next(model.parameters(), None)):
+        reason = (
+            f"its float32 matmuls run through oneDNN on this CPU, which the compiled layers would not use "
+            f"({cpu_matmul.ENV}=default, or compile: true, to compile)"
+        )
+    return reason
 
 
 def compiled_layers(model: nn.Module) -> CompiledLayers | None:

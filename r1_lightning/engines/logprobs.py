@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 from r1_lightning.engines.base import cache_argument
+from r1_lightning.rl import cpu_matmul
+from r1_lightning.rl.cpu_matmul import mm_nt
 from r1_lightning.rl.logits import chunk_logits, compute_dtype
 
 try:
@@ -107,10 +109,25 @@ def _backward_chunk(
     if temperature != 1.0:
         grad_logits.div_(temperature)
     if grad_weight is not None:
-        grad_weight.addmm_(grad_logits.T, hidden.to(weight.dtype))  # [V, H]
+        _accumulate_weight_grad(grad_weight, grad_logits, hidden.to(weight.dtype))  # [V, H]
     if grad_bias is not None:
         grad_bias += grad_logits.sum(dim=0)  # [V]
-    return grad_logits @ weight  # [C, H]
+    return mm_nt(grad_logits, weight.T)  # [C, H] = grad_logits @ W
+
+
+# Vocabulary rows per block of the head's weight-gradient product where it runs through oneDNN, which
+# writes a fresh output: a [block, H] temporary instead of a second [V, H] one.
+WEIGHT_GRAD_BLOCK = 8192
+
+
+def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """grad_weight [V, H] += grad_logits.T [V, C] @ hidden [C, H]."""
+    if not cpu_matmul.eligible(grad_weight, grad_logits, hidden):
+        grad_weight.addmm_(grad_logits.T, hidden)
+        return
+    for start in range(0, grad_weight.shape[0], WEIGHT_GRAD_BLOCK):
+        block = slice(start, start + WEIGHT_GRAD_BLOCK)
+        grad_weight[block] += mm_nt(grad_logits[:, block].T, hidden.T)  # [block, H]
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):

@@ -335,7 +335,7 @@ class GRPO(L.LightningModule):
     def _decide_compile(self, training_seconds: float, steps_per_batch: int) -> None:
         """``compile="auto"``, after this process's second step: compile the training forwards from the next step
         if it pays over the steps left (``compiled_forward.auto_compile_decision``); one log line either way."""
-        if (reason := compiled_forward.unsupported_reason(unwrap_model(self.model))) is not None:
+        if (reason := compiled_forward.auto_unsupported_reason(unwrap_model(self.model))) is not None:
             rank_zero_info(f"GRPO(compile='auto'): the training forwards stay eager: {reason}")
             return
         remaining = (self.trainer.estimated_stepping_batches - self.trainer.global_step) / steps_per_batch

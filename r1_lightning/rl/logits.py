@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from r1_lightning.rl.cpu_matmul import mm_nt
+
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float32, or float64 when an input is float64 (exact gradchecks)."""
@@ -17,5 +19,5 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 def chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
     """`[C, V]` logits of `[C, H]` hidden states through an LM head already in the compute dtype, divided by `temperature`."""
     hidden = hidden.to(weight.dtype)  # [C, H], weight is already in the compute dtype
-    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # [C, V]
+    logits = mm_nt(hidden, weight, bias)  # [C, V]
     return logits.div_(temperature) if temperature != 1.0 else logits

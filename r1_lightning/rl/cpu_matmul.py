@@ -1,0 +1,157 @@
+"""Float32 matrix products on CPU through oneDNN where this CPU runs them faster than the default BLAS.
+
+PyTorch's CPU build sends float32 `mm` and `F.linear` to MKL. On AMD EPYC (Zen 4), measured on
+this project's 2-core VM with one thread, MKL's sgemm ran at 70-90 GFLOP/s on the training
+forward's shapes and 20-50 at decode's 8 rows, while oneDNN, which PyTorch ships beside it (the
+`mkldnn` ops inductor uses), ran the same float32 products at 130-190 and 40-55: MKL takes a
+slower code path on CPUs that are not Intel's. Both are IEEE float32 with float32 accumulation;
+the results differ by summation order only (~1e-6 relative, as MKL's own do between shapes).
+
+Which one runs is decided once per process (`use_onednn`): `R1_CPU_MATMUL=onednn` or `default`
+forces it; otherwise (`auto`) a probe of ~0.1 s times both on two shapes (decode-like and
+training-like) and takes oneDNN only where it is at least 10% faster, with one log line. The
+project's own hot paths call `mm_nt` (the fast decode step, the chunked LM head) or run under
+`onednn_linears()` (the training forwards: every eligible `F.linear`, forward and backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+ENV = "R1_CPU_MATMUL"
+CHOICES = ("auto", "onednn", "default")
+# oneDNN must be this much faster on the probe to be taken: within it, the default is kept.
+MIN_SPEEDUP = 1.1
+# (rows, in, out) of the probe: a decode step's few rows and a training forward's many.
+PROBE_SHAPES = ((8, 576, 1536), (512, 576, 1536))
+
+
+def _onednn_op():
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    return op if op is not None and torch.backends.mkldnn.is_available() else None
+
+
+def _ieee_float32() -> bool:
+    """oneDNN would compute in float32: the user has not allowed it bf16/tf32 for float32 products."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
+
+
+@functools.cache
+def use_onednn() -> bool:
+    """Whether float32 CPU products go through oneDNN in this process (`R1_CPU_MATMUL`, else a probe).
+
+    Raises:
+        ValueError: ``R1_CPU_MATMUL`` is not one of ``auto``, ``onednn``, ``default``.
+    """
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: choose one of {', '.join(CHOICES)}")
+    if choice == "default" or _onednn_op() is None or not _ieee_float32():
+        return False
+    if choice == "onednn":
+        return True
+    default_s, onednn_s = probe()
+    chosen = default_s >= MIN_SPEEDUP * onednn_s
+    log.info(
+        "float32 CPU matmuls: %s (probe: oneDNN %.2f ms, default BLAS %.2f ms; %s=default|onednn to choose)",
+        "oneDNN" if chosen else "the default BLAS", onednn_s * 1e3, default_s * 1e3, ENV,
+    )
+    return chosen
+
+
+def probe(repeats: int = 5) -> tuple[float, float]:
+    """Seconds of the default `x @ W.T` and of oneDNN's on `PROBE_SHAPES` (each the best of `repeats`, alternated)."""
+    op = _onednn_op()
+    generator = torch.Generator().manual_seed(0)
+    default_s = onednn_s = 0.0
+    for rows, inputs, outputs in PROBE_SHAPES:
+        x = torch.randn(rows, inputs, generator=generator)
+        w = torch.randn(outputs, inputs, generator=generator)
+        best = [float("inf"), float("inf")]
+        for _ in range(repeats):
+            for i, run in enumerate((lambda: x @ w.T, lambda: op(x, w, None, "none", [], ""))):
+                start = time.perf_counter()
+                run()
+                best[i] = min(best[i], time.perf_counter() - start)
+        default_s, onednn_s = default_s + best[0], onednn_s + best[1]
+    return default_s, onednn_s
+
+
+def eligible(*tensors: Tensor | None) -> bool:
+    """Plain float32 CPU tensors (no subclass such as DTensor), outside autocast, and oneDNN chosen."""
+    present = [t for t in tensors if t is not None]
+    return (
+        all(type(t) in (Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu" for t in present)
+        and not torch.is_autocast_enabled("cpu")
+        and use_onednn()
+    )
+
+
+def mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`a @ b.T (+ bias)` for 2-D `a [M, K]`, `b [N, K]` (no autograd): oneDNN where `eligible`, else aten."""
+    if not eligible(a, b, bias):
+        return a @ b.T if bias is None else torch.addmm(bias, a, b.T)
+    return _onednn_op()(_dense(a), _dense(b), bias, "none", [], "")
+
+
+def _dense(t: Tensor) -> Tensor:
+    """`t`, or a contiguous copy: oneDNN takes row-major matrices and their transposes, not other strides."""
+    return t if t.is_contiguous() or t.T.is_contiguous() else t.contiguous()
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear` on 2-D input with all three products (output, input gradient, weight gradient) through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return mm_nt(x, weight, bias)  # [M, N]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = mm_nt(grad, weight.T) if ctx.needs_input_grad[0] else None  # [M, K] = grad @ W
+        grad_weight = mm_nt(grad.T, x.T) if ctx.needs_input_grad[1] else None  # [N, K] = grad.T @ x
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None  # [N]
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:  # noqa: A002 (F.linear's names)
+    """`F.linear(x, weight, bias)`, differentiable, through oneDNN where `eligible`."""
+    if not eligible(input, weight, bias) or weight.dim() != 2 or input.dim() == 0:
+        return F.linear(input, weight, bias)
+    out = _OneDNNLinear.apply(input.reshape(-1, input.shape[-1]), weight, bias)  # [M, N]
+    return out.view(*input.shape[:-1], weight.shape[0])
+
+
+class _Linears(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def onednn_linears() -> Iterator[None]:
+    """Inside, every `F.linear` (so every `nn.Linear`) on plain float32 CPU tensors runs `linear`; a no-op
+    where oneDNN is not chosen. For eager forwards only: not for code `torch.compile` traces."""
+    if not use_onednn():
+        yield
+        return
+    with _Linears():
+        yield

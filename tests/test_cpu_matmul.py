@@ -1,0 +1,153 @@
+"""Float32 CPU products through oneDNN (`rl.cpu_matmul`): the same values and gradients as aten's, both backends."""
+
+import pytest
+import torch
+
+from r1_lightning.engines.logprobs import chunked_token_logprobs
+from r1_lightning.policy import token_logprobs
+from r1_lightning.rl import cpu_matmul
+
+ONEDNN = pytest.param(
+    "onednn", marks=pytest.mark.skipif(cpu_matmul._onednn_op() is None, reason="this torch build has no oneDNN linear op")
+)
+
+
+@pytest.fixture(params=[ONEDNN, "default"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv(cpu_matmul.ENV, request.param)
+    cpu_matmul.use_onednn.cache_clear()
+    yield request.param
+    cpu_matmul.use_onednn.cache_clear()
+
+
+def _float64_twins(*shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    exact = [torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True) for shape in shapes]
+    single = [t.detach().float().requires_grad_() for t in exact]
+    return exact, single
+
+
+def _relative(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_values_and_gradients_match_float64(backend, with_bias):
+    (x, w, b), (xf, wf, bf) = _float64_twins((3, 17, 48), (80, 48), (80,))
+    out64 = torch.nn.functional.linear(x, w, b if with_bias else None)
+    out = cpu_matmul.linear(xf, wf, bf if with_bias else None)
+    grad = torch.randn_like(out64)
+    out64.backward(grad)
+    out.backward(grad.float())
+    assert out.shape == out64.shape and out.dtype == torch.float32
+    # float32 products of 48 terms: within a few ulps of 1.2e-7, relative to the largest entry.
+    for ours, exact in [(out, out64), (xf.grad, x.grad), (wf.grad, w.grad)] + ([(bf.grad, b.grad)] if with_bias else []):
+        assert _relative(ours, exact) < 2e-6
+    assert (wf.grad is not None) and (bf.grad is None) == (not with_bias)
+
+
+def test_mm_nt_takes_strided_operands(backend):
+    """Column slices and transposes (what the LM head's backward passes) give `a @ b.T`."""
+    generator = torch.Generator().manual_seed(1)
+    sliced = torch.randn(12, 40, generator=generator)[:, 5:14]  # [12, 9], rows 40 apart: neither layout oneDNN takes
+    transposed = torch.randn(9, 12, generator=generator).T  # [12, 9]
+    b, b_transposed = torch.randn(30, 9, generator=generator), torch.randn(9, 30, generator=generator).T  # [30, 9] each
+    for a in (sliced, transposed, sliced.contiguous()):
+        for other in (b, b_transposed):
+            torch.testing.assert_close(cpu_matmul.mm_nt(a, other), a @ other.T, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linears_route_nn_linear_and_leave_the_rest(monkeypatch):
+    if cpu_matmul._onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setenv(cpu_matmul.ENV, "onednn")
+    cpu_matmul.use_onednn.cache_clear()
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    with cpu_matmul.onednn_linears():
+        routed = layer(x)
+        float64 = layer.double()(x.detach().double())  # not float32: the aten kernel
+        layer.float()
+    assert type(routed.grad_fn).__name__ == "ViewBackward0"
+    assert type(routed.grad_fn.next_functions[0][0]).__name__ == "_OneDNNLinearBackward"
+    assert float64.grad_fn is None or "OneDNN" not in type(float64.grad_fn).__name__
+    assert "OneDNN" not in type(layer(x).grad_fn).__name__  # outside the context: aten
+    cpu_matmul.use_onednn.cache_clear()
+
+
+def test_default_backend_is_aten(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.ENV, "default")
+    cpu_matmul.use_onednn.cache_clear()
+    layer = torch.nn.Linear(8, 4)
+    with cpu_matmul.onednn_linears():
+        out = layer(torch.randn(2, 8))
+    assert type(out.grad_fn).__name__ == "AddmmBackward0"
+    assert not cpu_matmul.eligible(torch.randn(2))
+    cpu_matmul.use_onednn.cache_clear()
+
+
+def test_bad_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.ENV, "mkl")
+    cpu_matmul.use_onednn.cache_clear()
+    with pytest.raises(ValueError, match=r"R1_CPU_MATMUL='mkl': choose one of auto, onednn, default"):
+        cpu_matmul.use_onednn()
+    cpu_matmul.use_onednn.cache_clear()
+
+
+def test_auto_probe_times_both(monkeypatch):
+    if cpu_matmul._onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    default_s, onednn_s = cpu_matmul.probe(repeats=2)
+    assert default_s > 0 and onednn_s > 0
+    monkeypatch.setenv(cpu_matmul.ENV, "auto")
+    monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 0.5))
+    cpu_matmul.use_onednn.cache_clear()
+    assert cpu_matmul.use_onednn()
+    monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 0.95))  # under MIN_SPEEDUP: the default stays
+    cpu_matmul.use_onednn.cache_clear()
+    assert not cpu_matmul.use_onednn()
+    cpu_matmul.use_onednn.cache_clear()
+
+
+def test_chunked_head_gradients_in_weight_blocks(backend, monkeypatch):
+    """The head's weight gradient accumulated in vocabulary blocks (7 rows, 3 chunks of rows) equals float64's."""
+    monkeypatch.setattr("r1_lightning.engines.logprobs.WEIGHT_GRAD_BLOCK", 7)
+    (h, w), (hf, wf) = _float64_twins((10, 16), (23, 16), seed=2)
+    targets = torch.randint(0, 23, (10,), generator=torch.Generator().manual_seed(3))
+    exact, _ = chunked_token_logprobs(h, w, targets, chunk_size=4)
+    ours, _ = chunked_token_logprobs(hf, wf, targets, chunk_size=4)
+    grad = torch.randn(10, dtype=torch.float64)
+    exact.backward(grad)
+    ours.backward(grad.float())
+    assert _relative(ours, exact) < 2e-6
+    assert _relative(hf.grad, h.grad) < 2e-6 and _relative(wf.grad, w.grad) < 2e-6
+
+
+def test_training_log_probs_agree_across_backends(monkeypatch, tiny_model_dir):
+    """The same model's token log-probs and gradients under oneDNN and under aten, to float32 rounding."""
+    if cpu_matmul._onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, model.config.vocab_size, (4, 24), generator=generator)
+    ids[1] = ids[0]  # two rows sharing everything, the others not
+    mask = torch.ones_like(ids)
+    positions = torch.arange(24).expand(4, 24)
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[:, 10:] = True
+    results = {}
+    for choice in ("default", "onednn"):
+        monkeypatch.setenv(cpu_matmul.ENV, choice)
+        cpu_matmul.use_onednn.cache_clear()
+        model.zero_grad()
+        logprobs, _ = token_logprobs(model, ids, mask, positions, targets, prompt_length=10)
+        logprobs.sum().backward()
+        results[choice] = logprobs.detach(), [p.grad.clone() for p in model.parameters()]
+    cpu_matmul.use_onednn.cache_clear()
+    (lp_a, grads_a), (lp_b, grads_b) = results["default"], results["onednn"]
+    torch.testing.assert_close(lp_b, lp_a, rtol=0, atol=1e-5)
+    assert lp_a[:, 10:].abs().sum() > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
