@@ -15,10 +15,12 @@ Face modules in their order and the same SDPA call, with
   and a single linear's weight is used in place, not copied;
 - 2-D activations (one position per row) and rotary embedding on queries and keys in one pass.
 
-The fused, transposed weights are copies made at every `generate` call, so an optimizer step
-between calls is always seen; at most `MAX_WEIGHT_BYTES` of them. Tokens are the Hugging Face
-forward's; log-probs are bit-identical at 24+ rows and in bfloat16 and within 1e-6 at a few rows,
-where MKL rounds the transposed product differently (tests/test_fast_decode.py).
+The fused or transposed weights are copies made at every `generate` call (the others the model's
+own tensors), so an optimizer step between calls is always seen; at most `MAX_WEIGHT_BYTES` of
+them. Tokens are the Hugging Face forward's; with the default BLAS, log-probs are bit-identical at
+24+ rows and in bfloat16 and within 1e-6 at a few rows, where MKL rounds the transposed product
+differently; through oneDNN they differ from the forward's MKL products by float32 rounding
+(tests/test_fast_decode.py allows 1e-5).
 
 Anything it does not reproduce exactly gets `None`, and the caller keeps the Hugging Face
 forward: other architectures, rotary scaling, sliding windows, attention other than SDPA,
