@@ -22,6 +22,7 @@ from r1_lightning.engines.base import (
 )
 from r1_lightning.engines.fast_decode import fast_decode_step
 from r1_lightning.engines.kv_cache import preallocate
+from r1_lightning.rl.cpu_matmul import onednn_linears
 from r1_lightning.rl.groups import per_completion
 
 # Finished rows leave the decode batch once they are this fraction of it (a KV-cache copy each time).
@@ -77,7 +78,7 @@ class HFGenerateEngine(RolloutEngine):
                 )
         prompts, prompt_mask = left_pad(prompt_ids, params.pad_token_id, device)  # [B, P]
 
-        with _eval_mode(model), _no_grad(model):
+        with _eval_mode(model), _no_grad(model), onednn_linears():  # prefill, and decode steps the fast step does not take
             tokens, logprobs, finished = _decode(model, prompts, prompt_mask, num_generations, params, generator)
 
         # Outside inference mode these ops turn inference tensors into normal ones, which
