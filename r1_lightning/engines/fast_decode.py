@@ -97,7 +97,7 @@ def model_unsupported_reason(model: nn.Module) -> str | None:
     module_types, expected = _module_types(family), (nn.Linear, nn.Embedding, nn.ModuleList)
     for name, module in model.named_modules():
         kind = type(module)
-        if kind not in module_types and kind not in expected and not _is_silu(module):
+        if kind not in module_types and kind not in expected and not is_silu(module):
             return f"module {name or 'model'} is a {kind.__name__} (adapters, quantisation, wrappers are not reproduced)"
         if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
             return f"module {name or 'model'} has forward hooks or a replaced forward"
@@ -140,12 +140,19 @@ def _modeling(family: str):
         return None
 
 
+def part_types(part: str) -> tuple[type, ...]:
+    """The classes named `<prefix><part>` (e.g. "MLP": Qwen2MLP, LlamaMLP, MistralMLP) of the installed families."""
+    modules = [(_modeling(family), prefix + part) for family, prefix in _CLASS_PREFIXES.items()]
+    return tuple(getattr(module, name) for module, name in modules if module is not None and hasattr(module, name))
+
+
 def _module_types(family: str) -> set[type]:
     module = _modeling(family)
     return {getattr(module, name) for name in _FAMILIES[family]}
 
 
-def _is_silu(module: nn.Module) -> bool:
+def is_silu(module: nn.Module) -> bool:
+    """The module is a SiLU activation (PyTorch's or transformers')."""
     kind = type(module)
     return kind is nn.SiLU or (kind.__name__ == "SiLUActivation" and kind.__module__ == "transformers.activations")
 
