@@ -235,11 +235,12 @@ def test_shared_prompt_forward_runs_each_prompt_once():
 def test_default_chunk_rows_bound_the_head_buffer_by_bytes():
     from r1_lightning.engines.logprobs import CHUNK_LOGITS_BYTES, default_chunk_rows
 
-    # 256 MiB of float32 logits: 268,435,456 / (4 * 151,936) = 441.7 -> 441 rows (was a fixed 1,024: 622 MB);
-    # 49,152 -> 1,365, capped at 1,024; an absurd vocabulary still gets SCRATCH_ROWS rows.
-    assert CHUNK_LOGITS_BYTES == 256 << 20
-    assert default_chunk_rows(151_936) == 441
-    assert default_chunk_rows(49_152) == 1024
+    # 64 MiB of float32 logits: 67,108,864 / (4 * 151,936) = 110.4 -> 110 rows (once a fixed 1,024: 622 MB);
+    # 49,152 -> 341.3 -> 341; 8,192 -> 2,048, capped at 1,024; an absurd vocabulary still gets SCRATCH_ROWS rows.
+    assert CHUNK_LOGITS_BYTES == 64 << 20
+    assert default_chunk_rows(151_936) == 110
+    assert default_chunk_rows(49_152) == 341
+    assert default_chunk_rows(8_192) == 1024
     assert default_chunk_rows(10_000_000) == 64
     hidden, weight = torch.randn(1500, 8, dtype=torch.float64), torch.randn(300, 8, dtype=torch.float64)
     targets = torch.randint(0, 300, (1500,))

@@ -65,10 +65,12 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
 
 # Rows per block of the exp-and-sum passes: their scratch is [SCRATCH_ROWS, V], not a second [C, V].
 SCRATCH_ROWS = 64
-# Without a `chunk_size`, a chunk's `[C, V]` float32 logits take at most this much: 1,024 rows up to a 65,536-token
-# vocabulary, fewer above it (441 at Qwen2's 151,936), so the head's buffer does not grow with the vocabulary.
-# At 151,936 and 2,048-token completions a 1,024-row chunk (622 MB) was a fifth of the step's peak memory (benchmarks/).
-CHUNK_LOGITS_BYTES = 256 << 20
+# Without a `chunk_size`, a chunk's `[C, V]` float32 logits take at most this much: 1,024 rows up to a 16,384-token
+# vocabulary, fewer above it (341 at SmolLM2's 49,152, 110 at Qwen2's 151,936), so the head's buffer does not grow
+# with the vocabulary. The buffer lives while the forward's activations are all held (end of forward, start of
+# backward), so it adds to the step's peak: at 151,936 and 2,048-token completions a 1,024-row chunk (622 MB) was a
+# fifth of it. 110 to 441 rows at 151,936, and 128 to 512 at 49,152, ran head forward + backward equally fast (benchmarks/).
+CHUNK_LOGITS_BYTES = 64 << 20
 MAX_CHUNK_ROWS = 1024
 
 
