@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from r1_lightning.engines.gated_mlp import lean_gated_mlps
+from r1_lightning.engines.lean_layers import lean_layers
 from r1_lightning.errors import ConfigError
 from r1_lightning.rl.cpu_matmul import onednn_linears
 
@@ -381,8 +381,8 @@ def _token_logprobs(
     model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     # Eager forwards run their linears through oneDNN where this CPU favours it (compiled ones as inductor emits them).
-    # The gated MLPs keep half their activations for backward (engines.gated_mlp).
-    with contextlib.nullcontext() if compile else onednn_linears(), lean_gated_mlps(model):
+    # MLPs and RMSNorms keep fewer activations for backward (engines.lean_layers).
+    with contextlib.nullcontext() if compile else onednn_linears(), lean_layers(model):
         return _token_logprobs_body(
             model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
         )
