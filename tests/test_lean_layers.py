@@ -98,6 +98,8 @@ def test_left_alone_without_grad_and_where_not_recognised(tiny_model_dir):
     hooked.register_forward_hook(lambda *args: None)
     with torch.no_grad(), lean_layers(model):
         assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16), lean_layers(model):  # mixed precision: the modules' own
+        assert not any("forward" in module.__dict__ for module in model.modules())
     with lean_layers(model):
         assert "forward" not in hooked.__dict__  # a hook may read the intermediate tensors: its own forward
         assert all("forward" in layer.mlp.__dict__ for layer in model.model.layers[1:])

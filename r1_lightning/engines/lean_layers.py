@@ -13,7 +13,7 @@ derivative σ(x)(1 + x(1 − σ(x))); RMSNorm's r(g − n·mean(g·n)) with r th
 square, n the normalised input, g the gradient reaching it), equal to float rounding.
 
 `lean_layers(model)` swaps them into the MLPs and RMSNorms of Qwen2, Llama and Mistral models for
-the forwards inside it that build a graph; modules it does not recognise exactly (other
+the forwards inside it that build a graph outside autocast; modules it does not recognise exactly (other
 activations, LoRA or quantised linears, hooks, a forward already replaced on the instance) keep
 their own.
 """
@@ -107,11 +107,15 @@ def _plain(module: nn.Module) -> bool:
     return "forward" not in module.__dict__ and not (module._forward_hooks or module._forward_pre_hooks)
 
 
+def _autocast_enabled() -> bool:
+    return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda", "xpu"))
+
+
 @contextlib.contextmanager
 def lean_layers(model: nn.Module) -> Iterator[None]:
     """Inside, the recognised gated MLPs and RMSNorms of `model` run `silu_gated_down` and
     `rms_norm_keeping_input` in forwards that build a graph."""
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or _autocast_enabled():  # autocast: the backward's dtypes would be autocast's
         yield
         return
     mlps, norms = part_types("MLP"), part_types("RMSNorm")
