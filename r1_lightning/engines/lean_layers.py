@@ -5,17 +5,18 @@ Autograd keeps four `[tokens, intermediate]` tensors per layer for the MLP's
 and down's input (the product). Two of them are elementwise functions of the other two.
 `silu_gated_down` keeps only gate and up and recomputes silu(gate) and the product in the
 backward, an elementwise pass beside the two matrix products that backward runs anyway. An
-RMSNorm keeps its input, its normalised input and the statistic; `rms_norm_keeping_input` keeps the input and
-the statistic (one `[tokens, hidden]` tensor less, twice a layer). On SmolLM2-135M (30 layers,
-hidden 576, intermediate 1,536) one 552-token completion's activations shrink by ~280 MB. Values
-are the same operations as the Hugging Face modules', gradients the same formulas (PyTorch's silu
-derivative σ(x)(1 + x(1 − σ(x))); RMSNorm's r(g − n·mean(g·n)) with r the reciprocal root mean
-square, n the normalised input, g the gradient reaching it), equal to float rounding.
+RMSNorm keeps its input, its normalised input and the statistic; `rms_norm_keeping_input` keeps
+the input and the statistic (one `[tokens, hidden]` tensor less, twice a layer). On SmolLM2-135M
+(30 layers, hidden 576, intermediate 1,536) one 552-token completion's activations shrink by
+~280 MB. Values are the same operations as the Hugging Face modules', gradients the same formulas
+(PyTorch's silu derivative σ(x)(1 + x(1 − σ(x))); RMSNorm's r(g − n·mean(g·n)) with r the
+reciprocal root mean square, n the normalised input, g the gradient reaching it), equal to float
+rounding.
 
 `lean_layers(model)` swaps them into the MLPs and RMSNorms of Qwen2, Llama and Mistral models for
-the forwards inside it that build a graph outside autocast; modules it does not recognise exactly (other
-activations, LoRA or quantised linears, hooks, a forward already replaced on the instance) keep
-their own.
+the forwards inside it that build a graph outside autocast; modules it does not recognise exactly
+(other activations, LoRA or quantised linears, hooks, a forward already replaced on the instance)
+keep their own.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _autocast_enabled() -> bool:
 @contextlib.contextmanager
 def lean_layers(model: nn.Module) -> Iterator[None]:
     """Inside, the recognised gated MLPs and RMSNorms of `model` run `silu_gated_down` and
-    `rms_norm_keeping_input` in forwards that build a graph."""
+    `rms_norm_keeping_input` in forwards that build a graph (none under autocast)."""
     if not torch.is_grad_enabled() or _autocast_enabled():  # autocast: the backward's dtypes would be autocast's
         yield
         return
