@@ -93,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TRL generating through transformers' continuous batching (use_transformers_continuous_batching)")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm", "vllm-ours"],
                    help="generation: hf (each side's default), vllm (ours VLLMEngine, TRL use_vllm colocate) or vllm-ours (ours only)")
-    p.add_argument("--memory-cap-gib", type=float, default=9.0,
-                   help="a run past this resident memory stops and is reported as out of memory (default 9)")
+    p.add_argument("--memory-cap-gib", type=float, default=10.0,
+                   help="a run past this resident memory stops and is reported as out of memory (default 10)")
     p.add_argument("--plot", default=None, help="with --lengths: save the log-log plot here (default benchmarks/lengths_<model>.png)")
     p.add_argument("--workdir", default=None, help="keep the model, prompts and run logs here")
     p.add_argument("--force-length", action="store_true", help=argparse.SUPPRESS)
