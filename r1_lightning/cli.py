@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from r1_lightning.errors import UserError
 from r1_lightning.lightning_cli import SUBCOMMANDS, QuietKnownWarnings, R1CLI
 from r1_lightning.recipe import main as recipe_main
+from r1_lightning.rl import cpu_matmul
 
 __all__ = ["R1CLI", "QuietKnownWarnings", "main"]  # R1CLI and its callback live in r1_lightning.lightning_cli
 
@@ -30,6 +31,7 @@ __all__ = ["R1CLI", "QuietKnownWarnings", "main"]  # R1CLI and its callback live
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     try:
+        cpu_matmul.setting()  # an environment variable read deep inside training: refused before any work
         if argv and argv[0] == "recipe":
             recipe_main(argv[1:])
         else:

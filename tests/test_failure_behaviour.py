@@ -221,6 +221,19 @@ def test_unchecked_options_fail_in_one_line_before_any_model_loads(case, bad_dat
     assert [l for l in err.splitlines() if "error" in l] == ["r1-lightning: error: " + expected.format(data=bad_data)]
 
 
+def test_a_bad_cpu_matmul_setting_fails_in_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import r1_lightning.modules.plumbing
+
+    monkeypatch.setattr(r1_lightning.modules.plumbing, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setenv("R1_CPU_MATMUL", "mkl")
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["fit", *GRPO_ARGS], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert [l for l in err.splitlines() if "error" in l] == [
+        "r1-lightning: error: R1_CPU_MATMUL='mkl': choose one of auto, onednn, default"
+    ]
+
+
 # ------------------------------------------------------------------ 9. stale state in fixed log directories
 def test_a_fresh_fit_into_an_earlier_runs_directory_says_so_and_validate_keeps_the_fit_config(tmp_path, capsys, sft_checkpoint):
     config = write(tmp_path / "sft.yaml", SFT_CONFIG.format(root=tmp_path / "run", steps=2))

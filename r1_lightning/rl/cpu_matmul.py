@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from r1_lightning.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 ENV = "R1_CPU_MATMUL"
@@ -49,16 +51,26 @@ def _ieee_float32() -> bool:
     return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
 
 
+def setting() -> str:
+    """`R1_CPU_MATMUL` as one of `CHOICES` (unset or empty: ``auto``).
+
+    Raises:
+        ConfigError: ``R1_CPU_MATMUL`` is set to anything else.
+    """
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ConfigError(f"{ENV}={os.environ[ENV]!r}: choose one of {', '.join(CHOICES)}")
+    return choice
+
+
 @functools.cache
 def use_onednn() -> bool:
     """Whether float32 CPU products go through oneDNN in this process (`R1_CPU_MATMUL`, else a probe).
 
     Raises:
-        ValueError: ``R1_CPU_MATMUL`` is not one of ``auto``, ``onednn``, ``default``.
+        ConfigError: ``R1_CPU_MATMUL`` is not one of ``auto``, ``onednn``, ``default``.
     """
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: choose one of {', '.join(CHOICES)}")
+    choice = setting()
     if choice == "default" or _onednn_op() is None or not _ieee_float32():
         return False
     if choice == "onednn":
