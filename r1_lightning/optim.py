@@ -1,4 +1,4 @@
-"""AdamW with linear warm-up and cosine decay, shared by every module."""
+"""AdamW with linear warm-up and cosine decay, shared by every module, and where its memory lives."""
 
 from __future__ import annotations
 
@@ -47,6 +47,105 @@ def adamw_warmup_cosine(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def allocate_adam_state(optimizer: torch.optim.Optimizer) -> int:
+    """Create the state torch's ``Adam``/``AdamW`` would create lazily at their first step, now; returns the
+    number of parameters given state.
+
+    The moments are as large as the weights twice over. Created lazily, they land in whatever heap the first
+    step's activations and gradients have just freed, and on CPU that fragmented heap stays resident; created
+    before the first rollout, they sit with the weights. The state is exactly torch's (``step`` a CPU scalar,
+    zero moments shaped and strided like the parameter): the steps that follow are bit-identical. Parameters
+    that already have state (a restored checkpoint) keep it; other optimizers, and fused, capturable or
+    differentiable groups (their ``step`` lives elsewhere), are left to initialise themselves.
+    """
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return 0
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    allocated = 0
+    for group in optimizer.param_groups:
+        if group.get("fused") or group.get("capturable") or group.get("differentiable"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if len(state) > 0 or p.is_sparse:
+                continue
+            state["step"] = torch.tensor(0.0, dtype=step_dtype, device="cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            allocated += 1
+    return allocated
+
+
+# glibc's ceiling for its mmap threshold: a larger request gets a mapping of its own, handed back at free;
+# smaller ones come from the heap.
+GLIBC_HEAP_REQUEST_LIMIT = 32 * 2**20
+
+
+class FlatGradients:
+    """Each optimizer step's gradients in one zeroed block, freed whole when they are set to ``None``.
+
+    On CPU, backward allocates a parameter's gradient when it arrives, in between the activations and their
+    gradients. glibc serves these from its heap; once the step frees them they leave holes too scattered to
+    return to the system, and the process keeps its high-water mark. One block per step is a mapping of its
+    own (far above glibc's mmap threshold), given back whole by ``zero_grad(set_to_none=True)``. Parameters
+    above ``GLIBC_HEAP_REQUEST_LIMIT`` are mapped on their own anyway and keep torch's gradient, which backward
+    hands over without a copy.
+
+    Parameters that received no gradient when the optimizer steps get ``grad=None`` back (``drop_unreceived``),
+    so ``torch.optim`` leaves them alone exactly as it would without the block: the steps are bit-identical.
+    Meant for one process: DDP and FSDP place the gradients themselves.
+
+    Example:
+        >>> grads = FlatGradients(model.parameters())
+        >>> grads.allocate()  # before the step's first backward
+        >>> loss.backward()
+        >>> grads.drop_unreceived()  # before clipping and ``optimizer.step()``
+        >>> optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter]):
+        params = [p for p in parameters if p.requires_grad]
+        self.parameters = [
+            p for p in params
+            if p.is_contiguous() and p.dtype == params[0].dtype and p.device == params[0].device
+            and p.numel() * p.element_size() < GLIBC_HEAP_REQUEST_LIMIT
+        ]
+        self._received: set[int] = set()
+        self._active = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._receive) for p in self.parameters]
+
+    def _receive(self, param: torch.Tensor) -> None:
+        self._received.add(id(param))
+
+    def allocate(self) -> None:
+        """Point every parameter's ``grad`` into one zeroed block; a no-op while any of them still has a gradient."""
+        self._active = bool(self.parameters) and all(p.grad is None for p in self.parameters)
+        if not self._active:
+            return
+        flat = torch.zeros(sum(p.numel() for p in self.parameters), dtype=self.parameters[0].dtype, device=self.parameters[0].device)
+        offset = 0
+        for p in self.parameters:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self._received.clear()
+
+    def drop_unreceived(self) -> None:
+        """``grad=None`` for the parameters backward gave nothing since ``allocate``."""
+        if self._active:
+            for p in self.parameters:
+                if id(p) not in self._received:
+                    p.grad = None
+            self._active = False
+
+    def remove(self) -> None:
+        """Detach from the parameters (their gradients go back to torch's own allocation)."""
+        for hook in self._hooks:
+            hook.remove()
+        self.parameters, self._hooks, self._active = [], [], False
 
 
 def total_training_steps(trainer) -> int:

@@ -266,6 +266,37 @@ def test_micro_batches_give_the_same_update_as_one_batch(tmp_path, aggregation):
     assert max_change(after, micro.model) < 0.25 * max_change(start, full.model)
 
 
+class GradientBlocks(L.Callback):
+    """How many distinct storages the gradients live in, at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.storages: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.model.parameters() if p.grad is not None]
+        self.storages.append(len({g.untyped_storage().data_ptr() for g in grads}))
+
+
+def test_optimizer_memory_placed_up_front_leaves_the_updates_bit_identical(tmp_path, monkeypatch):
+    """On CPU, Adam's state is created before the first rollout and each step's gradients share one block
+    (FlatGradients): the weights after 2 batches of 2 optimizer steps equal torch's lazy placement's, bit for bit."""
+    runs = []
+    for placed in (True, False):
+        if not placed:
+            monkeypatch.setattr("r1_lightning.modules.grpo.GRPO.on_train_start", lambda self: None)
+        blocks, snapshot = GradientBlocks(), Snapshot()
+        module = tiny_grpo(beta=0.04, mini_batch_size=ROWS // 2, micro_batch_size=ROWS // 4, rollout_engine=VariedLengthEngine())
+        fit(module, prompt_data(), tmp_path / str(placed), max_steps=4, callbacks=[blocks, snapshot])
+        runs.append((module, blocks.storages, snapshot.policy))
+    (placed, placed_blocks, start), (lazy, lazy_blocks, _) = runs
+    assert placed_blocks == [1, 1, 1, 1]  # one block (the tiny model has no parameter over glibc's heap limit)
+    assert min(lazy_blocks) > 1  # torch's own: one allocation per parameter
+    lazy_weights = dict(lazy.model.named_parameters())
+    for name, weight in placed.model.named_parameters():
+        torch.testing.assert_close(weight, lazy_weights[name], rtol=0, atol=0, msg=name)
+    assert max_change(start, placed.model) > 1e-5  # the steps moved the weights
+
+
 def test_sequence_level_ratio_changes_the_off_policy_update(tmp_path):
     """GSPO and token-level ratios give the same gradient at ρ = 1, but not in μ's second pass (ρ ≠ 1)."""
     modules = []

@@ -48,7 +48,7 @@ from r1_lightning.modules.plumbing import (
     sampling_params,
     save_training_state,
 )
-from r1_lightning.optim import check_optimizer_options, total_training_steps
+from r1_lightning.optim import FlatGradients, allocate_adam_state, check_optimizer_options, total_training_steps
 from r1_lightning.parallel import check_backward_passes, clip_grad_norm
 from r1_lightning.policy import LoraSettings, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
@@ -258,6 +258,7 @@ class GRPO(L.LightningModule):
         self.rollout_step = 0  # batches of rollouts so far: seeds sampling, survives checkpoints
         self.guard = StepGuard(nonfinite)
         self.seeds = SamplingSeeds(seed)
+        self.flat_gradients = FlatGradients([])  # inert until training starts on CPU
 
     # ----------------------------------------------------------------------------------- setup
     @override
@@ -382,6 +383,7 @@ class GRPO(L.LightningModule):
             # Denominators that make the micro-batch gradients add up to the mini-batch's (over all ranks
             # where the aggregation is global, so N ranks step as one process on the global batch).
             normalizers = self.policy_loss.normalizers(loss_mask, micro_batches, hp.max_new_tokens)
+            self.flat_gradients.allocate()
             for r, normalizer in zip(micro_batches, normalizers):
                 logprobs, entropy = self._policy_logprobs({k: v[r] for k, v in inputs.items()}, target_mask[r], P)
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[r]
@@ -404,6 +406,7 @@ class GRPO(L.LightningModule):
                         totals[name] = torch.maximum(totals.get(name, value), value)
                         continue
                     totals[name] = totals.get(name, 0.0) + value.detach() * (1.0 if name in ("loss", "policy_loss") else weight)
+            self.flat_gradients.drop_unreceived()
             if hp.max_grad_norm > 0:
                 clip_grad_norm(self, optimizer, hp.max_grad_norm)  # FSDP1 needs its root's own clipping
             optimizer.step()
@@ -578,6 +581,21 @@ class GRPO(L.LightningModule):
         steps_per_batch = hp.num_iterations * -(-rows // (hp.mini_batch_size or rows))
         total = total_training_steps(self.trainer) if self.trainer.max_steps > 0 else total_training_steps(self.trainer) * steps_per_batch
         return policy_optimizer(self, total)
+
+    @override
+    def on_train_start(self) -> None:
+        # On CPU, the optimizer's memory is placed before the first rollout: created in the middle of a step it
+        # lands in the heap the step's activations fragment, which glibc cannot hand back (benchmarks/README.md).
+        if self.device.type != "cpu":
+            return
+        optimizer = self.trainer.optimizers[0]
+        allocate_adam_state(optimizer)
+        if self.trainer.world_size == 1:
+            self.flat_gradients = FlatGradients(p for group in optimizer.param_groups for p in group["params"])
+
+    @override
+    def on_train_end(self) -> None:
+        self.flat_gradients.remove()
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
