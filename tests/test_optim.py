@@ -1,9 +1,12 @@
 """The optimizer helpers: Adam state allocated ahead of the first step is torch's own."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
-from r1_lightning.optim import FlatGradients, allocate_adam_state
+from r1_lightning.optim import FlatGradients, allocate_adam_state, mapped_zeros
 
 
 class _Model(torch.nn.Module):
@@ -130,3 +133,23 @@ def test_flat_gradients_leave_existing_gradients_alone():
     grads.allocate()  # gradients already there (a step not zeroed yet): nothing moves
     grads.drop_unreceived()
     torch.testing.assert_close(model.net[0].weight.grad, before, rtol=0, atol=0)
+
+
+def _resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from Linux's /proc")
+def test_mapped_zeros_are_zeros_whose_memory_goes_back_to_the_system_with_the_last_view():
+    assert torch.equal(mapped_zeros(3, torch.float64, torch.device("cpu")), torch.zeros(3, dtype=torch.float64))
+    before = _resident_mib()
+    block = mapped_zeros(16 * 2**20, torch.float32, torch.device("cpu"))  # 64 MiB
+    assert block.shape == (16 * 2**20,) and block.dtype == torch.float32
+    block.fill_(1.0)  # the pages become resident as they are touched
+    assert _resident_mib() - before > 60
+    view = block[:8].view(2, 4)
+    del block
+    assert view.sum().item() == 8  # a view keeps the mapping alive
+    touched = _resident_mib()
+    del view
+    assert touched - _resident_mib() > 60  # unmapped, not kept by the allocator

@@ -584,8 +584,8 @@ class GRPO(L.LightningModule):
 
     @override
     def on_train_start(self) -> None:
-        # On CPU, the optimizer's memory is placed before the first rollout: created in the middle of a step it
-        # lands in the heap the step's activations fragment, which glibc cannot hand back (benchmarks/README.md).
+        # On CPU, the optimizer's memory is kept out of the heap the steps' activations churn through: Adam's state
+        # is created before the first rollout, each step's gradients get a mapping of their own (benchmarks/README.md).
         if self.device.type != "cpu":
             return
         optimizer = self.trainer.optimizers[0]
