@@ -102,8 +102,9 @@ class FlatGradients:
     gradients, out of glibc's heap; so would one large ``torch.zeros`` wherever the heap has room (after a
     rollout, it has). Either way the heap grows by the gradients and keeps that size: freed heap in between
     live blocks is not returned to the system. The block is an anonymous mapping instead (``mapped_zeros``):
-    the heap is left to the activations, and ``zero_grad(set_to_none=True)`` unmaps the gradients. On
-    SmolLM2-135M with 512-token completions this lowered peak RSS by ~130 MiB (benchmarks/README.md).
+    the heap is left to the activations, and ``zero_grad(set_to_none=True)`` unmaps the gradients. With
+    ``allocate_adam_state``, GRPO's peak RSS on SmolLM2-135M at 512-token completions went from 4,716 to
+    4,475–4,635 MiB (benchmarks/README.md).
     Parameters above ``GLIBC_HEAP_REQUEST_LIMIT`` are mapped on their own by glibc already and keep torch's
     gradient, which backward hands over without a copy.
 
