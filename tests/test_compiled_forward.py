@@ -208,6 +208,12 @@ def test_grpo_compile_auto_stays_eager_where_matmuls_run_through_onednn(tmp_path
     monkeypatch.setenv(cpu_matmul.ENV, "onednn")
     cpu_matmul.use_onednn.cache_clear()
     monkeypatch.setattr(compiled_forward, "compile_pays", lambda seconds, remaining: True)  # however long the run
+    # Each process probes its own backend, so ranks can disagree: this rank must still join rank 0's broadcast
+    # (it once returned early, and a 2-process run hung at the second step).
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    broadcasts = []
+    monkeypatch.setattr(SingleDeviceStrategy, "broadcast", lambda self, obj, src=0: broadcasts.append(obj) or obj)
     module = tiny_grpo()
     with caplog.at_level("INFO"):
         fit(module, prompt_data(), tmp_path / "run", max_steps=2)
@@ -215,3 +221,4 @@ def test_grpo_compile_auto_stays_eager_where_matmuls_run_through_onednn(tmp_path
     lines = [r.getMessage() for r in caplog.records if "GRPO(compile='auto')" in r.getMessage()]
     assert len(lines) == 1 and "stay eager: its float32 matmuls run through oneDNN" in lines[0], lines
     assert not module._compile_now
+    assert [b for b in broadcasts if isinstance(b, bool)] == [False]  # (Lightning broadcasts its log dir too)

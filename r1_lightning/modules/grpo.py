@@ -337,11 +337,12 @@ class GRPO(L.LightningModule):
         """``compile="auto"``, after this process's second step: compile the training forwards from the next step
         if it pays over the steps left (``compiled_forward.auto_compile_decision``); one log line either way."""
         if (reason := compiled_forward.auto_unsupported_reason(unwrap_model(self.model))) is not None:
-            rank_zero_info(f"GRPO(compile='auto'): the training forwards stay eager: {reason}")
-            return
-        remaining = (self.trainer.estimated_stepping_batches - self.trainer.global_step) / steps_per_batch
-        pays, line = compiled_forward.auto_compile_decision(training_seconds, remaining)
-        # Rank 0 decides for every rank: the ranks' timings differ, their runs must not.
+            pays, line = False, f"the training forwards stay eager: {reason}"
+        else:
+            remaining = (self.trainer.estimated_stepping_batches - self.trainer.global_step) / steps_per_batch
+            pays, line = compiled_forward.auto_compile_decision(training_seconds, remaining)
+        # Rank 0 decides for every rank, and every rank joins the broadcast: the ranks' timings differ, and so can
+        # their reasons (each process probes its own CPU matmul backend), their runs must not.
         self._compile_now = bool(self.trainer.strategy.broadcast(pays))
         rank_zero_info(f"GRPO(compile='auto'): {line}")
 
