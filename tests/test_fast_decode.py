@@ -73,7 +73,9 @@ def test_fast_step_samples_what_the_hf_forward_samples(factory, dtype, G, monkey
     fast, hf = _generate(model, G, True, monkeypatch), _generate(model, G, False, monkeypatch)
     assert torch.equal(fast.completion_ids, hf.completion_ids)
     assert torch.equal(fast.completion_mask, hf.completion_mask)
-    torch.testing.assert_close(fast.logprobs, hf.logprobs, rtol=0, atol=1e-5)
+    # bfloat16: on a CPU without native bfloat16 dot products (AVX2 only) the fused and the separate products round
+    # differently (2.8e-4 at 8 rows measured; bfloat16 keeps ~3 digits); same tokens either way.
+    torch.testing.assert_close(fast.logprobs, hf.logprobs, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-3)
     lengths = fast.completion_mask.sum(-1)
     if G == 8 and dtype == torch.float32:  # the comparison covered rows that stopped early and rows that did not
         assert lengths.min() < fast.completion_ids.shape[1] and lengths.max() == fast.completion_ids.shape[1]
