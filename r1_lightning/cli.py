@@ -31,7 +31,7 @@ __all__ = ["R1CLI", "QuietKnownWarnings", "main"]  # R1CLI and its callback live
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     try:
-        cpu_matmul.setting()  # an environment variable read deep inside training: refused before any work
+        cpu_matmul.check()  # an environment variable and a cache file read deep inside training: refused before any work
         if argv and argv[0] == "recipe":
             recipe_main(argv[1:])
         else:

@@ -1,9 +1,13 @@
 """Float32 CPU products through oneDNN (`rl.cpu_matmul`): the same values and gradients as aten's, both backends."""
 
+import json
+import logging
+
 import pytest
 import torch
 
 from r1_lightning.engines.logprobs import chunked_token_logprobs
+from r1_lightning.errors import ConfigError
 from r1_lightning.policy import token_logprobs
 from r1_lightning.rl import cpu_matmul
 
@@ -94,18 +98,80 @@ def test_bad_setting_names_the_variable(monkeypatch):
     cpu_matmul.use_onednn.cache_clear()
 
 
-def test_auto_probe_times_both(monkeypatch):
+def test_auto_probe_times_both(monkeypatch, tmp_path):
     if cpu_matmul._onednn_op() is None:
         pytest.skip("this torch build has no oneDNN linear op")
     default_s, onednn_s = cpu_matmul.probe(repeats=2)
     assert default_s > 0 and onednn_s > 0
     monkeypatch.setenv(cpu_matmul.ENV, "auto")
+    monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path / "a"))
     monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 0.5))
     cpu_matmul.use_onednn.cache_clear()
     assert cpu_matmul.use_onednn()
+    monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path / "b"))  # no kept decision: the probe decides
     monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 0.95))  # under MIN_SPEEDUP: the default stays
     cpu_matmul.use_onednn.cache_clear()
     assert not cpu_matmul.use_onednn()
+    cpu_matmul.use_onednn.cache_clear()
+
+
+def test_the_probe_decides_once_per_machine_and_later_processes_keep_it(monkeypatch, tmp_path, caplog):
+    """A resumed run (or another rank) rounds as the run it continues: it reads the kept decision, it does not re-probe."""
+    if cpu_matmul._onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setenv(cpu_matmul.ENV, "auto")
+    monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path))
+    probes = []
+    monkeypatch.setattr(cpu_matmul, "probe", lambda: probes.append(1) or (1.0, 0.5))
+    cpu_matmul.use_onednn.cache_clear()
+    assert cpu_matmul.use_onednn() and probes == [1]
+    kept = json.loads((tmp_path / "cpu_matmul.json").read_text())
+    assert kept == {cpu_matmul.machine_key(): {"onednn": True, "onednn_ms": 500.0, "default_ms": 1000.0}}
+    monkeypatch.setattr(cpu_matmul, "probe", lambda: probes.append(2) or (1.0, 1.0))  # would now keep the default
+    cpu_matmul.use_onednn.cache_clear()
+    with caplog.at_level(logging.INFO, logger=cpu_matmul.__name__):
+        assert cpu_matmul.use_onednn() and probes == [1]
+    assert f"oneDNN (this machine's probe, kept in {tmp_path / 'cpu_matmul.json'}" in caplog.text
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 977)  # another thread count is another machine key
+    cpu_matmul.use_onednn.cache_clear()
+    assert not cpu_matmul.use_onednn() and probes == [1, 2]
+    assert len(json.loads((tmp_path / "cpu_matmul.json").read_text())) == 2
+    cpu_matmul.use_onednn.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", r'expected \{"<machine>": \{"onednn": true\|false, ...\}\}'),
+        ('{"cpu": {"onednn": "yes"}}', r'expected \{"<machine>"'),
+        ('{"cpu": ', r"cpu_matmul.json:1:9: not JSON"),
+    ],
+)
+def test_a_bad_kept_decision_is_refused_by_name(monkeypatch, tmp_path, content, message):
+    monkeypatch.setenv(cpu_matmul.ENV, "auto")
+    monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path))
+    (tmp_path / "cpu_matmul.json").write_text(content)
+    monkeypatch.setattr(cpu_matmul, "probe", lambda: pytest.fail("probed over a bad file"))
+    with pytest.raises(ConfigError, match=message):
+        cpu_matmul.check()
+    if cpu_matmul._onednn_op() is not None:
+        cpu_matmul.use_onednn.cache_clear()
+        with pytest.raises(ConfigError, match=message):
+            cpu_matmul.use_onednn()
+        cpu_matmul.use_onednn.cache_clear()
+
+
+def test_an_unwritable_cache_costs_a_probe_not_the_run(monkeypatch, tmp_path, caplog):
+    if cpu_matmul._onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(cpu_matmul.ENV, "auto")
+    monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path / "file" / "below"))  # a directory under a file
+    monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 0.5))
+    cpu_matmul.use_onednn.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=cpu_matmul.__name__):
+        assert cpu_matmul.use_onednn()
+    assert "could not keep the R1_CPU_MATMUL decision" in caplog.text and "each process will probe again" in caplog.text
     cpu_matmul.use_onednn.cache_clear()
 
 

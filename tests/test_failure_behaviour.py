@@ -234,6 +234,23 @@ def test_a_bad_cpu_matmul_setting_fails_in_one_line_before_any_model_loads(tmp_p
     ]
 
 
+def test_a_corrupt_kept_cpu_matmul_decision_fails_in_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    import r1_lightning.modules.plumbing
+
+    monkeypatch.setattr(r1_lightning.modules.plumbing, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setenv("R1_CPU_MATMUL", "auto")
+    monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    kept = tmp_path / "cache" / "cpu_matmul.json"
+    kept.parent.mkdir()
+    kept.write_text('{"cpu": {"onednn": true},\n "other": {"onednn": tru')
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["fit", *GRPO_ARGS], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert [l for l in err.splitlines() if "error" in l] == [
+        f"r1-lightning: error: {kept}:2:22: not JSON (Expecting value); delete it to probe again"
+    ]
+
+
 # ------------------------------------------------------------------ 9. stale state in fixed log directories
 def test_a_fresh_fit_into_an_earlier_runs_directory_says_so_and_validate_keeps_the_fit_config(tmp_path, capsys, sft_checkpoint):
     config = write(tmp_path / "sft.yaml", SFT_CONFIG.format(root=tmp_path / "run", steps=2))

@@ -10,7 +10,10 @@ the results differ by summation order only (~1e-6 relative, as MKL's own do betw
 Which one runs is decided once per process (`use_onednn`): `R1_CPU_MATMUL=onednn` or `default`
 forces it; otherwise (`auto`) a probe of ~0.1 s times both on two shapes (decode-like and
 training-like) and takes oneDNN only where it is at least 10% faster, with one log line. The
-project's own hot paths call `mm_nt` (the fast decode step, the chunked LM head) or run under
+probe's decision is kept per machine (`decision_file`: CPU model, torch version, threads) and
+read back by every later process: on a CPU where the two run within the probe's noise of each
+other, processes deciding afresh would flip between them, and a resumed run (or a second rank)
+would then round differently from the run it continues. The project's own hot paths call `mm_nt` (the fast decode step, the chunked LM head) or run under
 `onednn_linears()` (the training forwards: every eligible `F.linear`, forward and backward).
 """
 
@@ -18,10 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import platform
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +70,16 @@ def setting() -> str:
     return choice
 
 
+def check() -> None:
+    """Refuse a bad `R1_CPU_MATMUL` or a bad kept-decision file now, before any work, rather than mid-training.
+
+    Raises:
+        ConfigError: either is not what `use_onednn` accepts.
+    """
+    if setting() == "auto":
+        _read_decisions(decision_file())
+
+
 @functools.cache
 def use_onednn() -> bool:
     """Whether float32 CPU products go through oneDNN in this process (`R1_CPU_MATMUL`, else a probe).
@@ -75,13 +92,77 @@ def use_onednn() -> bool:
         return False
     if choice == "onednn":
         return True
-    default_s, onednn_s = probe()
-    chosen = default_s >= MIN_SPEEDUP * onednn_s
+    path, key = decision_file(), machine_key()
+    decisions = _read_decisions(path)
+    if key in decisions:
+        chosen = decisions[key]["onednn"]
+        source = f"this machine's probe, kept in {path}; delete it to probe again"
+    else:
+        default_s, onednn_s = probe()
+        chosen = default_s >= MIN_SPEEDUP * onednn_s
+        source = f"probe: oneDNN {onednn_s * 1e3:.2f} ms, default BLAS {default_s * 1e3:.2f} ms"
+        decisions[key] = {"onednn": chosen, "onednn_ms": round(onednn_s * 1e3, 3), "default_ms": round(default_s * 1e3, 3)}
+        _write_decisions(path, decisions)
     log.info(
-        "float32 CPU matmuls: %s (probe: oneDNN %.2f ms, default BLAS %.2f ms; %s=default|onednn to choose)",
-        "oneDNN" if chosen else "the default BLAS", onednn_s * 1e3, default_s * 1e3, ENV,
+        "float32 CPU matmuls: %s (%s; %s=default|onednn to choose)",
+        "oneDNN" if chosen else "the default BLAS", source, ENV,
     )
     return chosen
+
+
+def decision_file() -> Path:
+    """Where `auto` keeps its probe decisions: ``$R1_LIGHTNING_CACHE/cpu_matmul.json`` (default ``~/.cache/r1_lightning``)."""
+    root = os.environ.get("R1_LIGHTNING_CACHE") or Path.home() / ".cache" / "r1_lightning"
+    return Path(root).expanduser() / "cpu_matmul.json"
+
+
+def machine_key() -> str:
+    """What the decision depends on: the CPU model, the torch build and this process's thread count."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _read_decisions(path: Path) -> dict[str, dict]:
+    """The kept decisions, checked: a file that is not what `_write_decisions` writes is refused, by name.
+
+    Raises:
+        ConfigError: the file is not a JSON object of ``{"onednn": bool, ...}`` entries.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):  # nothing kept yet (or no cache directory can exist there)
+        return {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the kept {ENV} decisions ({error}); delete it to probe again") from None
+    try:
+        decisions = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path}:{error.lineno}:{error.colno}: not JSON ({error.msg}); delete it to probe again"
+        ) from None
+    if not isinstance(decisions, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("onednn"), bool) for entry in decisions.values()
+    ):
+        raise ConfigError(f'{path}: expected {{"<machine>": {{"onednn": true|false, ...}}}}; delete it to probe again')
+    return decisions
+
+
+def _write_decisions(path: Path, decisions: dict[str, dict]) -> None:
+    """Write atomically (a temporary file renamed into place); an unwritable cache only costs a probe per process."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(decisions, out, indent=1, sort_keys=True)
+        os.chmod(staging, 0o644)
+        os.replace(staging, path)
+    except OSError as error:
+        log.warning("could not keep the %s decision in %s (%s): each process will probe again", ENV, path, error)
 
 
 def probe(repeats: int = 5) -> tuple[float, float]:
