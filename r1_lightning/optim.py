@@ -161,6 +161,16 @@ class FlatGradients:
         self.parameters, self._hooks, self._active = [], [], False
 
 
+def place_optimizer_memory(optimizer: torch.optim.Optimizer, device: torch.device, world_size: int) -> FlatGradients:
+    """On CPU, keep the optimizer's memory out of the heap the steps' activations churn through: Adam's state now
+    (``allocate_adam_state``), and, in one process, each step's gradients in a mapping of their own (the returned
+    ``FlatGradients``; inert elsewhere: GPUs, and DDP/FSDP, which place the gradients themselves)."""
+    if torch.device(device).type != "cpu":
+        return FlatGradients([])
+    allocate_adam_state(optimizer)
+    return FlatGradients([p for group in optimizer.param_groups for p in group["params"]] if world_size == 1 else [])
+
+
 def total_training_steps(trainer) -> int:
     """Optimizer steps the trainer will take (``max_steps`` or epochs × batches)."""
     steps = trainer.estimated_stepping_batches

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from r1_lightning.policy import LoraSettings, apply_lora, load_model
 from r1_lightning.engines import HFGenerateEngine, SamplingParams, fast_decode, hf, kv_cache
+from r1_lightning.rl import cpu_matmul
 
 VOCAB = 96
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [12], [3, 3, 60, 8]]  # lengths 7, 1, 4: left padding of 0, 6, 3
@@ -36,6 +37,18 @@ def _llama(**overrides) -> torch.nn.Module:
 def _mistral(**overrides) -> torch.nn.Module:
     config = MistralConfig(**{**SHAPE, "num_attention_heads": 8, "num_key_value_heads": 2, "sliding_window": None, **overrides})
     return MistralForCausalLM(config)
+
+
+@pytest.fixture(params=["default", "onednn"])
+def backend(request, monkeypatch):
+    """Both float32 product paths (transposed copies with the default BLAS, `[out, in]` through oneDNN), whichever
+    this machine's probe picked."""
+    if request.param == "onednn" and cpu_matmul._onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setenv(cpu_matmul.ENV, request.param)
+    cpu_matmul.use_onednn.cache_clear()
+    yield request.param
+    cpu_matmul.use_onednn.cache_clear()
 
 
 def _build(factory, dtype=torch.float32, **overrides) -> torch.nn.Module:
@@ -68,7 +81,7 @@ def _generate(model, G: int, fast: bool, monkeypatch, temperature: float = 1.0, 
     ids=["qwen2", "llama-bias-untied-mha", "mistral-no-window", "qwen2-bf16"],
 )
 @pytest.mark.parametrize("G", [1, 3, 8])
-def test_fast_step_samples_what_the_hf_forward_samples(factory, dtype, G, monkeypatch):
+def test_fast_step_samples_what_the_hf_forward_samples(factory, dtype, G, backend, monkeypatch):
     model = _build(factory, dtype)
     fast, hf = _generate(model, G, True, monkeypatch), _generate(model, G, False, monkeypatch)
     assert torch.equal(fast.completion_ids, hf.completion_ids)
@@ -79,6 +92,24 @@ def test_fast_step_samples_what_the_hf_forward_samples(factory, dtype, G, monkey
     lengths = fast.completion_mask.sum(-1)
     if G == 8 and dtype == torch.float32:  # the comparison covered rows that stopped early and rows that did not
         assert lengths.min() < fast.completion_ids.shape[1] and lengths.max() == fast.completion_ids.shape[1]
+
+
+def test_copies_are_views_of_one_block_equal_to_the_weights(backend):
+    layer = _build(_llama).model.layers[0]  # biases everywhere
+    attention, mlp = layer.self_attn, layer.mlp
+    groups = [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
+    transposed = backend == "default"
+    fused = fast_decode.fused_weights(groups, transposed=transposed)
+    for (weight, bias), group in zip(fused, groups):
+        expected = torch.cat([linear.weight for linear in group])
+        assert torch.equal(weight, expected.t() if transposed else expected) and weight.is_contiguous()
+        assert torch.equal(bias, torch.cat([linear.bias for linear in group]))
+    copies = [weight for (weight, _), group in zip(fused, groups) if transposed or len(group) > 1]
+    assert len(copies) == (4 if transposed else 2) and len({w.untyped_storage().data_ptr() for w in copies}) == 1
+    assert copies[0].untyped_storage().nbytes() == 4 * sum(linear.weight.numel() for group in groups for linear in group
+                                                           if transposed or len(group) > 1)
+    if not transposed:  # a single linear's own weight, no copy
+        assert fused[1][0].data_ptr() == attention.o_proj.weight.data_ptr()
 
 
 def test_builtin_tiny_greedy_and_sampled_match(monkeypatch):

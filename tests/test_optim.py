@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1_lightning.optim import FlatGradients, allocate_adam_state, mapped_zeros
+from r1_lightning.optim import FlatGradients, allocate_adam_state, mapped_zeros, place_optimizer_memory
 
 
 class _Model(torch.nn.Module):
@@ -153,3 +153,15 @@ def test_mapped_zeros_are_zeros_whose_memory_goes_back_to_the_system_with_the_la
     touched = _resident_mib()
     del view
     assert touched - _resident_mib() > 60  # unmapped, not kept by the allocator
+
+
+@pytest.mark.parametrize(("device", "world_size"), [("cpu", 1), ("cpu", 2), ("meta", 1)])
+def test_placement_is_for_cpu_and_flat_gradients_for_one_process(device, world_size):
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    flat = place_optimizer_memory(optimizer, torch.device(device), world_size)
+    assert bool(optimizer.state) == (device == "cpu")
+    assert len(flat.parameters) == (2 if (device, world_size) == ("cpu", 1) else 0)
+    flat.allocate()
+    assert (model.weight.grad is not None) == (len(flat.parameters) == 2)
+    flat.remove()

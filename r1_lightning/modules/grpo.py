@@ -48,7 +48,7 @@ from r1_lightning.modules.plumbing import (
     sampling_params,
     save_training_state,
 )
-from r1_lightning.optim import FlatGradients, allocate_adam_state, check_optimizer_options, total_training_steps
+from r1_lightning.optim import FlatGradients, check_optimizer_options, place_optimizer_memory, total_training_steps
 from r1_lightning.parallel import check_backward_passes, clip_grad_norm
 from r1_lightning.policy import LoraSettings, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
@@ -585,14 +585,8 @@ class GRPO(L.LightningModule):
 
     @override
     def on_train_start(self) -> None:
-        # On CPU, the optimizer's memory is kept out of the heap the steps' activations churn through: Adam's state
-        # is created before the first rollout, each step's gradients get a mapping of their own (benchmarks/README.md).
-        if self.device.type != "cpu":
-            return
-        optimizer = self.trainer.optimizers[0]
-        allocate_adam_state(optimizer)
-        if self.trainer.world_size == 1:
-            self.flat_gradients = FlatGradients(p for group in optimizer.param_groups for p in group["params"])
+        # Adam's state before the first rollout, each step's gradients in one mapping (CPU only; benchmarks/README.md).
+        self.flat_gradients = place_optimizer_memory(self.trainer.optimizers[0], self.device, self.trainer.world_size)
 
     @override
     def on_train_end(self) -> None:
