@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from r1_lightning.cache import cache_root
 from r1_lightning.engines.lean_layers import lean_layers
 from r1_lightning.errors import ConfigError
 from r1_lightning.rl.cpu_matmul import onednn_linears
@@ -96,8 +97,7 @@ def packaged_model_file(name: str, option: str = "model_name_or_path") -> Path:
 
 def gguf_cache_dir() -> Path:
     """Where converted ``.gguf`` models live: ``$R1_LIGHTNING_CACHE/gguf`` (default ``~/.cache/r1_lightning/gguf``)."""
-    root = os.environ.get("R1_LIGHTNING_CACHE") or Path.home() / ".cache" / "r1_lightning"
-    return Path(root).expanduser() / "gguf"
+    return cache_root() / "gguf"
 
 
 def resolve_model_path(name_or_path: str, option: str = "model_name_or_path") -> str:

@@ -13,8 +13,9 @@ training-like) and takes oneDNN only where it is at least 10% faster, with one l
 probe's decision is kept per machine (`decision_file`: CPU model, torch version, threads) and
 read back by every later process: on a CPU where the two run within the probe's noise of each
 other, processes deciding afresh would flip between them, and a resumed run (or a second rank)
-would then round differently from the run it continues. The project's own hot paths call `mm_nt` (the fast decode step, the chunked LM head) or run under
-`onednn_linears()` (the training forwards: every eligible `F.linear`, forward and backward).
+would then round differently from the run it continues. The project's own hot paths call `mm_nt`
+(the fast decode step, the chunked LM head) or run under `onednn_linears()` (the training
+forwards: every eligible `F.linear`, forward and backward).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from r1_lightning.atomic import write_text_atomic
+from r1_lightning.cache import cache_root
 from r1_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -112,8 +114,7 @@ def use_onednn() -> bool:
 
 def decision_file() -> Path:
     """Where `auto` keeps its probe decisions: ``$R1_LIGHTNING_CACHE/cpu_matmul.json`` (default ``~/.cache/r1_lightning``)."""
-    root = os.environ.get("R1_LIGHTNING_CACHE") or Path.home() / ".cache" / "r1_lightning"
-    return Path(root).expanduser() / "cpu_matmul.json"
+    return cache_root() / "cpu_matmul.json"
 
 
 def machine_key() -> str:
@@ -153,14 +154,9 @@ def _read_decisions(path: Path) -> dict[str, dict]:
 
 
 def _write_decisions(path: Path, decisions: dict[str, dict]) -> None:
-    """Write atomically (a temporary file renamed into place); an unwritable cache only costs a probe per process."""
+    """Write atomically (`atomic.write_text_atomic`); an unwritable cache only costs a probe per process."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(decisions, out, indent=1, sort_keys=True)
-        os.chmod(staging, 0o644)
-        os.replace(staging, path)
+        write_text_atomic(path, json.dumps(decisions, indent=1, sort_keys=True))
     except OSError as error:
         log.warning("could not keep the %s decision in %s (%s): each process will probe again", ENV, path, error)
 
