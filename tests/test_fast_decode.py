@@ -94,11 +94,11 @@ def test_fast_step_samples_what_the_hf_forward_samples(factory, dtype, G, backen
         assert lengths.min() < fast.completion_ids.shape[1] and lengths.max() == fast.completion_ids.shape[1]
 
 
-def test_copies_are_views_of_one_block_equal_to_the_weights(backend):
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "as-stored"])
+def test_copies_are_views_of_one_block_equal_to_the_weights(transposed):
     layer = _build(_llama).model.layers[0]  # biases everywhere
     attention, mlp = layer.self_attn, layer.mlp
     groups = [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
-    transposed = backend == "default"
     fused = fast_decode.fused_weights(groups, transposed=transposed)
     for (weight, bias), group in zip(fused, groups):
         expected = torch.cat([linear.weight for linear in group])
