@@ -350,6 +350,7 @@ def token_logprobs(
     return_entropy: bool = False,
     prompt_length: int | None = None,
     compile: bool = False,
+    recompute: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the tokens marked by ``target_mask``, never materialising [B, T, V] logits.
 
@@ -363,6 +364,9 @@ def token_logprobs(
             in length buckets that skip the padding after the last target (``shared_prefix_hidden``).
         compile: Run those passes through ``torch.compile``d decoder layers where the model allows
             (``r1_lightning.engines.compiled_forward``); otherwise, and without ``prompt_length``, the model's forward.
+        recompute: With ``prompt_length`` and grad enabled, where the layer functions of ``compiled_forward`` apply
+            (Qwen2/Llama/Mistral on CPU): the completions' decoder layers keep only their inputs and run again in
+            the backward, with the same values and gradients (``CompiledLayers.suffix``). Elsewhere ignored.
 
     Returns:
         ``(logprobs, entropy)``: [B, T] float32, zero where ``target_mask`` is False; ``entropy``
@@ -373,25 +377,37 @@ def token_logprobs(
     # Body and head are called separately: under FSDP2 the root unit (embeddings, norm, head) is gathered around both.
     return run_gathered(
         model, _token_logprobs, model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size,
-        return_entropy, prompt_length, compile,
+        return_entropy, prompt_length, compile, recompute,
     )
 
 
 def _token_logprobs(
-    model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
+    model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile,
+    recompute,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from r1_lightning.engines.compiled_forward import CompiledLayers, compiled_layers, layers_unsupported_reason
+
+    # The layer functions are chosen before the lean layers swap the modules' forwards, which they refuse.
+    hf = unwrap_model(model)
+    layers = compiled_layers(hf) if compile and prompt_length else None
+    recompute = bool(recompute and prompt_length and torch.is_grad_enabled()) and (
+        layers is not None or layers_unsupported_reason(hf) is None
+    )
+    if recompute and layers is None:
+        layers = CompiledLayers(hf, compile=False)
     # Eager forwards run their linears through oneDNN where this CPU favours it (compiled ones as inductor emits them).
     # MLPs and RMSNorms keep fewer activations for backward (engines.lean_layers).
     with contextlib.nullcontext() if compile else onednn_linears(), lean_layers(model):
         return _token_logprobs_body(
-            model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
+            model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length,
+            layers, recompute,
         )
 
 
 def _token_logprobs_body(
-    model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile
+    model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length,
+    layers, recompute,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from r1_lightning.engines.compiled_forward import compiled_layers
     from r1_lightning.engines.logprobs import chunked_token_logprobs, shared_prefix_hidden
 
     backbone, head = backbone_and_head(model)
@@ -400,8 +416,7 @@ def _token_logprobs_body(
         # Position t predicts token t+1: a row needs suffix positions up to its last target - 1.
         last_target = (target_mask * torch.arange(target_mask.shape[1], device=target_mask.device)).amax(-1)  # [B]
         needed = (last_target - prompt_length).clamp(min=0)
-        layers = compiled_layers(unwrap_model(model)) if compile else None
-        hidden = shared_prefix_hidden(backbone, input_ids, attention_mask, position_ids, prompt_length, needed, layers)
+        hidden = shared_prefix_hidden(backbone, input_ids, attention_mask, position_ids, prompt_length, needed, layers, recompute)
     if hidden is None:
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = target_mask[:, 1:]  # [B, T-1]: position t predicts token t+1

@@ -60,9 +60,9 @@ def _rows(vocab: int = VOCAB):
     return (input_ids, attention_mask, position_ids, P, needed), valid
 
 
-def _hidden_and_grads(model, layers, rows, valid):
+def _hidden_and_grads(model, layers, rows, valid, recompute=False):
     model.zero_grad(set_to_none=True)
-    hidden = shared_prefix_hidden(model.model, *rows, layers)
+    hidden = shared_prefix_hidden(model.model, *rows, layers, recompute)
     upstream = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(2))
     (hidden[valid] * upstream[valid]).sum().backward()
     return hidden.detach()[valid], {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -79,6 +79,62 @@ def test_eager_layer_functions_equal_the_hugging_face_forward(factory):
     assert got[1].keys() == expected[1].keys()
     for name, grad in expected[1].items():
         torch.testing.assert_close(got[1][name], grad, rtol=0, atol=1e-7, msg=name)  # KV grads: head sums in another order
+
+
+@pytest.mark.parametrize("factory", [_qwen2, _llama, _mistral], ids=["qwen2", "llama", "mistral"])
+def test_recomputed_suffix_layers_give_the_same_values_and_gradients_and_run_again_in_the_backward(factory, monkeypatch):
+    model = _build(factory)
+    layers = compiled_forward.CompiledLayers(model, compile=False)
+    rows, valid = _rows()
+    calls = []
+    counted = compiled_forward._call
+    monkeypatch.setattr(compiled_forward, "_call", lambda kind, *args: calls.append((kind, torch.is_grad_enabled())) or counted(kind, *args))
+    expected = _hidden_and_grads(model, layers, rows, valid)
+    kept = list(calls)
+    calls.clear()
+    got = _hidden_and_grads(model, layers, rows, valid, recompute=True)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert got[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=0, atol=0, msg=name)  # the same operations on the same inputs
+    # Without recompute each suffix layer runs once; with it, once more in the backward (the prefix layers never again).
+    suffix_calls = sum(kind == "suffix" for kind, _ in kept)
+    assert suffix_calls > 0 and calls[: len(kept)] == kept
+    assert calls[len(kept):] == [("suffix", True)] * suffix_calls
+
+
+@pytest.mark.parametrize("compile, recompute", [(True, False), (False, True), (True, True)])
+def test_token_logprobs_runs_the_layer_functions_in_the_grad_pass(compile, recompute, monkeypatch):
+    # The lean layers swap the modules' forwards for the pass, and the layer functions refuse a swapped forward:
+    # they must be chosen before, or compile and recompute would silently keep the Hugging Face forward.
+    model = _build(_qwen2)
+    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
+    target_mask = attention_mask.bool().clone()
+    target_mask[:, :P] = False
+    calls = []
+
+    def eager(kind, shape, compile, *args):  # the compiled call, run eagerly (compiling takes a minute)
+        calls.append(kind)
+        return compiled_forward._layer_function(kind, shape)(*args)
+
+    monkeypatch.setattr(compiled_forward, "_call", eager)
+    expected = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)[0]
+    assert calls == []
+    got = token_logprobs(
+        model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P, compile=compile, recompute=recompute
+    )[0]
+    forward = calls.count("suffix")
+    assert calls.count("prefix") == 2 and forward > 0 and forward % 2 == 0  # 2 layers, once per length bucket
+    got.sum().backward()
+    assert calls.count("suffix") == (2 * forward if recompute else forward)  # recomputed: each again in the backward
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_recompute_needs_the_layer_functions():
+    model = _build(_qwen2)
+    rows, _ = _rows()
+    with pytest.raises(ValueError, match="recompute needs the layer functions"):
+        shared_prefix_hidden(model.model, *rows, None, True)
 
 
 def test_prompt_padding_rows_stay_finite():
@@ -112,6 +168,19 @@ def test_compiled_layers_match_the_hugging_face_forward_and_grpo_uses_them():
             eager = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)[0]
             compiled = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P, compile=True)[0]
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+    # Compiled and recomputed in the backward (torch.utils.checkpoint around the compiled layers): the same gradients.
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad(set_to_none=True)
+        logprobs = token_logprobs(
+            model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P, compile=True, recompute=recompute
+        )[0]
+        logprobs.sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert not compiled_forward._FAILED
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_compiler_failure_falls_back_to_the_eager_functions_once(monkeypatch):

@@ -266,6 +266,40 @@ def test_micro_batches_give_the_same_update_as_one_batch(tmp_path, aggregation):
     assert max_change(after, micro.model) < 0.25 * max_change(start, full.model)
 
 
+def test_gradient_checkpointing_auto_recomputes_groups_over_the_budget_with_the_same_update(tmp_path, monkeypatch, caplog):
+    """Where one group's activations would pass the budget (here 1 byte), ``auto`` recomputes the completions' decoder
+    layers in the backward, says so once, and steps as a run that keeps the activations (False)."""
+    from r1_lightning.engines import compiled_forward
+
+    monkeypatch.setattr("r1_lightning.modules.grpo_options.ACTIVATION_BUDGET_BYTES", 1)
+    calls = []
+    counted = compiled_forward._call
+    monkeypatch.setattr(compiled_forward, "_call", lambda kind, *args: calls.append(kind) or counted(kind, *args))
+    runs = []
+    for setting in ("auto", False):
+        calls.clear()
+        snapshot, grads = Snapshot(), GradRecorder()
+        module = tiny_grpo(beta=0.04, gradient_checkpointing=setting, learning_rate=1e-4, rollout_engine=VariedLengthEngine())
+        with caplog.at_level("INFO"):
+            fit(module, prompt_data(), tmp_path / str(setting), max_steps=2, callbacks=[snapshot, grads])
+        runs.append((module, snapshot.policy, grads.steps, calls.count("suffix")))
+        assert not module.model.model.gradient_checkpointing  # Hugging Face's stays off in both
+    (auto, start, auto_grads, auto_calls), (kept, kept_start, kept_grads, kept_calls) = runs
+    lines = [r.getMessage() for r in caplog.records if "GRPO(gradient_checkpointing='auto')" in r.getMessage()]
+    assert len(lines) == 1 and "recompute their decoder layers" in lines[0] and "over the 0 GiB budget" in lines[0], lines
+    assert auto._recompute and not kept._recompute
+    # The policy's passes ran the layer functions, each suffix layer again in the backward; the reference's and
+    # the run without recompute use the Hugging Face forward.
+    layers = auto.model.config.num_hidden_layers
+    assert auto_calls > 0 and auto_calls % (2 * layers) == 0 and kept_calls == 0
+    assert all(torch.equal(start[n], kept_start[n]) for n in start)
+    assert len(auto_grads) == len(kept_grads) == 2
+    for step_auto, step_kept in zip(auto_grads, kept_grads):
+        for name, grad in step_kept.items():  # the layer functions equal Hugging Face's forward to float rounding
+            torch.testing.assert_close(step_auto[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert max_change(start, auto.model) > 1e-5
+
+
 class GradientBlocks(L.Callback):
     """How many distinct storages the gradients live in, at each optimizer step."""
 
@@ -333,6 +367,7 @@ def test_clip_ratio_is_exactly_zero_with_one_update_per_batch(tmp_path):
         ("num_generations", 0),
         ("num_iterations", 0),
         ("beta", -0.1),
+        ("gradient_checkpointing", "sometimes"),
     ],
 )
 def test_unknown_option_values_raise_an_error_naming_the_option(option, value):

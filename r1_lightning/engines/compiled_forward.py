@@ -27,12 +27,14 @@ dropout keeps the Hugging Face forward; so does a process where compiling failed
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from r1_lightning.engines.fast_decode import apply_rotary, model_unsupported_reason, rms_norm, rotary
 from r1_lightning.rl import cpu_matmul
@@ -93,6 +95,12 @@ def unsupported_reason(model: nn.Module) -> str | None:
     """Why `compiled_layers(model)` is None, or None."""
     if _FAILED:
         return f"compiling failed earlier in this process: {_FAILED[0]}"
+    return layers_unsupported_reason(model)
+
+
+def layers_unsupported_reason(model: nn.Module) -> str | None:
+    """Why the layer functions (compiled or eager, `CompiledLayers(model, compile=False)`) cannot stand in for
+    `model`'s decoder layers, or None."""
     reason = model_unsupported_reason(model)
     if reason is not None:
         return reason
@@ -141,16 +149,29 @@ class CompiledLayers:
             cache.append((keys, values))
         return rms_norm(hidden, self.norm_weight, self.norm_eps), cache
 
-    def suffix(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def suffix(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[tuple[Tensor, Tensor]], recompute: bool = False
+    ) -> Tensor:
         """Hidden states `[n, S]` of suffixes after prompts whose keys and values are `past` (`[n, kv, P, D]`
-        per layer); `attention_mask` is `[n, P + S]` over prompt and suffix."""
+        per layer); `attention_mask` is `[n, P + S]` over prompt and suffix.
+
+        With `recompute` (and grad enabled), each layer keeps only its input for the backward, which runs the
+        layer's forward again (`torch.utils.checkpoint`): `[n, S, H]` per layer instead of the layer's ~13
+        hidden- and intermediate-sized activations, for one more forward of the suffix. Values and gradients
+        are the same bit for bit (the same operations, run again on the same inputs).
+        """
         width, prompt = input_ids.shape[1], past[0][0].shape[2]
         query = torch.arange(prompt, prompt + width, device=input_ids.device)  # [S] absolute positions
         causal = torch.arange(prompt + width, device=input_ids.device)[None, :] <= query[:, None]  # [S, P + S]
         mask = (causal & attention_mask.bool()[:, None, :])[:, None]  # [n, 1, S, P + S]
         hidden, cos, sin = self._inputs(input_ids, position_ids)
-        for weights, (past_keys, past_values) in zip(self.layers, past):
-            hidden = _call("suffix", self._shape, self.compile, hidden, weights, cos, sin, mask, past_keys, past_values)
+        recompute = recompute and torch.is_grad_enabled()
+        # A recompute stops early by raising through the layer function, which `_call` would take for a compiler error.
+        with set_checkpoint_early_stop(False) if recompute and self.compile else contextlib.nullcontext():
+            for weights, (past_keys, past_values) in zip(self.layers, past):
+                args = ("suffix", self._shape, self.compile, hidden, weights, cos, sin, mask, past_keys, past_values)
+                # No random numbers to replay: the layers have no dropout (attention dropout is refused).
+                hidden = checkpoint(_call, *args, use_reentrant=False, preserve_rng_state=False) if recompute else _call(*args)
         return rms_norm(hidden, self.norm_weight, self.norm_eps)
 
     @property

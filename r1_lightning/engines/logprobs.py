@@ -277,6 +277,7 @@ def shared_prefix_hidden(
     prefix_length: int,
     suffix_lengths: Tensor | None = None,
     layers: CompiledLayers | None = None,
+    recompute: bool = False,
 ) -> Tensor | None:
     """Final hidden states `[N, L, H]`: each distinct prefix run once, the suffixes in length buckets.
 
@@ -298,6 +299,8 @@ def shared_prefix_hidden(
             `L - P`); the others come back as zeros.
         layers: Run the passes through these compiled decoder layers (`engines.compiled_forward`) instead
             of the backbone's forward.
+        recompute: With `layers`, the suffixes' layers keep only their inputs and run again in the backward
+            (`CompiledLayers.suffix`); the passes then run this way even where sharing saves nothing.
 
     Returns:
         `[N, L, H]`, or None where this does not apply or saves nothing (no repeated prefix and no
@@ -305,8 +308,12 @@ def shared_prefix_hidden(
         forward per step; cache layers other than plain `DynamicLayer`): the caller then runs the
         whole rows.
     """
+    if recompute and layers is None:
+        raise ValueError("recompute needs the layer functions (layers=CompiledLayers(model, compile=False))")
     n, width = input_ids.shape
-    if attention_mask is None or position_ids is None or not 0 < prefix_length < width or not _can_share_prefix(backbone):
+    if attention_mask is None or position_ids is None or not 0 < prefix_length < width:
+        return None
+    if layers is None and not _can_share_prefix(backbone):  # the layer functions use no cache, hooks or shards
         return None
     suffix = width - prefix_length
     lengths = [suffix] * n if suffix_lengths is None else suffix_lengths.clamp(0, suffix).tolist()
@@ -315,7 +322,7 @@ def shared_prefix_hidden(
     starts[1:] = (prefix[1:] != prefix[:-1]).any(-1)
     first = starts.nonzero().squeeze(1)  # [U]
     buckets = length_buckets(lengths, BUCKET_OVERHEAD_TOKENS)
-    if first.numel() == n and sum(len(rows) * longest for rows, longest in buckets) == n * suffix:
+    if not recompute and first.numel() == n and sum(len(rows) * longest for rows, longest in buckets) == n * suffix:
         return None
     prompts = input_ids[first, :prefix_length], attention_mask[first, :prefix_length], position_ids[first, :prefix_length]
     if layers is not None:
@@ -334,7 +341,9 @@ def shared_prefix_hidden(
         columns, seen = slice(prefix_length, prefix_length + longest), slice(0, prefix_length + longest)
         if layers is not None:
             past = [(keys.index_select(0, owner[index]), values.index_select(0, owner[index])) for keys, values in kv]
-            tail = layers.suffix(input_ids[index, columns], attention_mask[index, seen], position_ids[index, columns], past)
+            tail = layers.suffix(
+                input_ids[index, columns], attention_mask[index, seen], position_ids[index, columns], past, recompute
+            )
         else:
             tail = backbone(
                 input_ids=input_ids[index, columns], attention_mask=attention_mask[index, seen],

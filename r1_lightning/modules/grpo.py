@@ -30,11 +30,13 @@ from r1_lightning.evaluation import generate_and_score, raw_completions, scored_
 from r1_lightning.guards import NonFinite, StepGuard
 from r1_lightning.metrics import ReasoningMetrics
 from r1_lightning.modules.grpo_options import (
+    check_choices,
     check_component_options,
     check_options,
     check_sampling,
     check_update_split,
     module_micro_batch,
+    module_recompute,
 )
 from r1_lightning.modules.plumbing import (
     PREDICT_STREAM,
@@ -139,7 +141,10 @@ class GRPO(L.LightningModule):
             exactly zero gradient (no signal) never steps (``train/skipped_steps/no_signal``); see
             ``r1_lightning.guards``.
         dtype: Weights dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
-        gradient_checkpointing: Recompute activations in the backward pass.
+        gradient_checkpointing: Recompute activations in the backward pass: ``true`` is Hugging Face's (every layer, one
+            forward per step without prompt sharing); ``auto`` recomputes the completions' decoder layers, prompt sharing
+            kept, where the layer functions apply (Qwen2/Llama/Mistral on CPU) and one group's activations would pass
+            ~2 GiB (``grpo_options.module_recompute``: ~⅒ of the memory for one more forward of the completions).
         lora: Train a LoRA adapter; the reference is then the base model with the adapter disabled.
         trust_remote_code: Allow model code from the model directory.
         logprob_chunk_size: Tokens per chunk when projecting onto the vocabulary (default:
@@ -205,7 +210,7 @@ class GRPO(L.LightningModule):
         max_grad_norm: float = 1.0,
         nonfinite: NonFinite = "raise",
         dtype: str = "auto",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Literal["auto"] = "auto",
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
         logprob_chunk_size: int | None = None,
@@ -241,9 +246,9 @@ class GRPO(L.LightningModule):
         check_sampling(max_new_tokens, temperature, top_p, top_k, eval_temperature, eval_num_samples)
         check_update_split(epsilon, epsilon_high, mini_batch_size, micro_batch_size)
         check_optimizer_options(learning_rate, weight_decay, warmup_steps, min_lr_ratio)
-        if compile not in (True, False, "auto"):
-            raise ConfigError(f"compile={compile!r}: choose true, false or auto")
+        check_choices(compile=compile, gradient_checkpointing=gradient_checkpointing)
         self._compile_now = compile is True  # with "auto": decided after this process's second step
+        self._recompute = False  # gradient_checkpointing="auto": decided per update (grpo_options.module_recompute)
         self._steps_in_process = 0
         if sampler_correction_threshold <= 0:
             raise ConfigError(f"sampler_correction_threshold={sampler_correction_threshold}: must be > 0")
@@ -280,7 +285,7 @@ class GRPO(L.LightningModule):
         )
         # Policy and reference sharded alike (FSDP2 only; DDP and FSDP wrap the module themselves).
         self.model = load_policy(
-            self, hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing, lora=hp.lora, **common
+            self, hp.model_name_or_path, gradient_checkpointing=hp.gradient_checkpointing is True, lora=hp.lora, **common
         )
         if self.kl_penalty.beta > 0 and hp.lora is None:  # with LoRA the reference is the adapter-disabled policy
             self.ref_model = load_frozen(self, hp.model_name_or_path, **common)
@@ -376,6 +381,7 @@ class GRPO(L.LightningModule):
         rows = advantages.shape[0]
         mini = hp.mini_batch_size or rows
         micro = min(hp.micro_batch_size or module_micro_batch(self, mini, inputs["input_ids"].shape[1] - P, P), mini)
+        self._recompute = module_recompute(self, inputs["input_ids"].shape[1] - P)
         check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows, mini):
@@ -480,7 +486,7 @@ class GRPO(L.LightningModule):
         logprobs, entropy = token_logprobs(
             model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], target_mask,
             temperature=self._score_temperature(), chunk_size=self.hparams.logprob_chunk_size, return_entropy=return_entropy, prompt_length=P,
-            compile=self._compile_now,
+            compile=self._compile_now, recompute=self._recompute,
         )
         return logprobs[:, P:], None if entropy is None else entropy[:, P:]
 

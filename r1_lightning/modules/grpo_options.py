@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
+
+from r1_lightning.engines.compiled_forward import layers_unsupported_reason
 from r1_lightning.errors import ConfigError
 from r1_lightning.parallel import is_sharded
 from r1_lightning.policy import unwrap_model
@@ -125,3 +128,37 @@ def module_micro_batch(module: Any, mini: int, row_tokens: int, prompt_tokens: i
     return mini if per_token is None else default_micro_batch(
         mini, module.hparams.num_generations, row_tokens, per_token, prompt_tokens
     )
+
+
+def check_choices(**options: Any) -> None:
+    """``compile`` and ``gradient_checkpointing``: true, false or auto."""
+    for name, value in options.items():
+        if value not in (True, False, "auto"):
+            raise ConfigError(f"{name}={value!r}: choose true, false or auto")
+
+
+def module_recompute(module: Any, row_tokens: int) -> bool:
+    """Whether this update's completion passes recompute their decoder layers in the backward (``token_logprobs``'s
+    ``recompute``). ``gradient_checkpointing="auto"``: where the layer functions apply (``compiled_forward``) and one
+    group's activations (``num_generations`` completions of ``row_tokens``) would pass ``ACTIVATION_BUDGET_BYTES``.
+    There the group is split into micro-batches anyway, and a completion's layers then keep their inputs only
+    (SmolLM2-135M, 512-token completions: ~40 MB instead of ~470 MB each) for one more forward of the completions.
+    ``True`` is Hugging Face's checkpointing, switched on at load; ``False`` never. Logs each change of decision."""
+    hp = module.hparams
+    decision, reason = False, None
+    if hp.gradient_checkpointing == "auto":
+        model = unwrap_model(module.model)
+        per_token = activation_bytes_per_token(model.config, next(model.parameters()).element_size())
+        group_bytes = hp.num_generations * row_tokens * (per_token or 0)
+        if group_bytes > ACTIVATION_BUDGET_BYTES and layers_unsupported_reason(model) is None:
+            decision, reason = True, (
+                f"a group of {hp.num_generations} completions of {row_tokens} tokens would keep ~{group_bytes / 2**30:.1f} GiB "
+                f"of activations, over the {ACTIVATION_BUDGET_BYTES / 2**30:.0f} GiB budget"
+            )
+    if decision != getattr(module, "_recompute", False):
+        verdict = "recompute their decoder layers in the backward" if decision else "keep their activations again"
+        rank_zero_info(
+            f"GRPO(gradient_checkpointing='auto'): the completion passes {verdict}"
+            + (f": {reason} (gradient_checkpointing: false keeps them)" if reason else "")
+        )
+    return decision
