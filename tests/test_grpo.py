@@ -300,6 +300,23 @@ def test_gradient_checkpointing_auto_recomputes_groups_over_the_budget_with_the_
     assert max_change(start, auto.model) > 1e-5
 
 
+def test_gradient_checkpointing_auto_only_where_a_group_does_not_fit_and_the_layer_functions_apply():
+    from r1_lightning.modules.grpo_options import module_recompute
+
+    module = tiny_grpo()
+    module.configure_model()
+    assert module.hparams.gradient_checkpointing == "auto"
+    assert not module_recompute(module, 8)  # 4 x 8 tokens of the tiny model: far under the budget
+    assert module_recompute(module, 10**7)  # 4 x 10^7 tokens: over it
+    for options in (dict(lora=LoraSettings(r=4, target_modules=["q_proj"])), dict(gradient_checkpointing=False)):
+        other = tiny_grpo(**options)
+        other.configure_model()
+        assert not module_recompute(other, 10**7), options  # LoRA: the layer functions do not apply; False: never
+    hf = tiny_grpo(gradient_checkpointing=True)
+    hf.configure_model()
+    assert hf.model.model.gradient_checkpointing and not module_recompute(hf, 10**7)  # True: Hugging Face's, at load
+
+
 class GradientBlocks(L.Callback):
     """How many distinct storages the gradients live in, at each optimizer step."""
 
