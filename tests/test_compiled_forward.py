@@ -245,7 +245,7 @@ def test_grpo_compile_auto_decides_after_the_first_step_with_one_log_line(tmp_pa
     from r1_lightning.rl import cpu_matmul
 
     monkeypatch.setenv(cpu_matmul.ENV, "default")  # the BLAS compiled layers use too (oneDNN: the test below)
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     module = tiny_grpo()
     assert module.hparams.compile == "auto" and not module._compile_now
     with caplog.at_level("INFO"):
@@ -264,7 +264,7 @@ def test_grpo_compile_auto_decides_after_the_first_step_with_one_log_line(tmp_pa
     lines = [r.getMessage() for r in caplog.records if "GRPO(compile='auto')" in r.getMessage()]
     assert len(lines) == 1 and "compiled from the next step" in lines[0], lines
     assert module._compile_now
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
 
 
 def test_grpo_compile_auto_stays_eager_where_matmuls_run_through_onednn(tmp_path, monkeypatch, caplog):
@@ -275,7 +275,7 @@ def test_grpo_compile_auto_stays_eager_where_matmuls_run_through_onednn(tmp_path
     if cpu_matmul._onednn_op() is None:
         pytest.skip("this torch build has no oneDNN linear op")
     monkeypatch.setenv(cpu_matmul.ENV, "onednn")
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     monkeypatch.setattr(compiled_forward, "compile_pays", lambda seconds, remaining: True)  # however long the run
     # Each process probes its own backend, so ranks can disagree: this rank must still join rank 0's broadcast
     # (it once returned early, and a 2-process run hung at the second step).
@@ -286,7 +286,7 @@ def test_grpo_compile_auto_stays_eager_where_matmuls_run_through_onednn(tmp_path
     module = tiny_grpo()
     with caplog.at_level("INFO"):
         fit(module, prompt_data(), tmp_path / "run", max_steps=2)
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     lines = [r.getMessage() for r in caplog.records if "GRPO(compile='auto')" in r.getMessage()]
     assert len(lines) == 1 and "stay eager: its float32 matmuls run through oneDNN" in lines[0], lines
     assert not module._compile_now

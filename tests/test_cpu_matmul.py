@@ -19,9 +19,9 @@ ONEDNN = pytest.param(
 @pytest.fixture(params=[ONEDNN, "default"])
 def backend(request, monkeypatch):
     monkeypatch.setenv(cpu_matmul.ENV, request.param)
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     yield request.param
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
 
 
 def _float64_twins(*shapes, seed=0):
@@ -65,7 +65,7 @@ def test_onednn_linears_route_nn_linear_and_leave_the_rest(monkeypatch):
     if cpu_matmul._onednn_op() is None:
         pytest.skip("this torch build has no oneDNN linear op")
     monkeypatch.setenv(cpu_matmul.ENV, "onednn")
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     layer = torch.nn.Linear(8, 4)
     x = torch.randn(2, 8, requires_grad=True)
     with cpu_matmul.onednn_linears():
@@ -76,26 +76,26 @@ def test_onednn_linears_route_nn_linear_and_leave_the_rest(monkeypatch):
     assert type(routed.grad_fn.next_functions[0][0]).__name__ == "_OneDNNLinearBackward"
     assert float64.grad_fn is None or "OneDNN" not in type(float64.grad_fn).__name__
     assert "OneDNN" not in type(layer(x).grad_fn).__name__  # outside the context: aten
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
 
 
 def test_default_backend_is_aten(monkeypatch):
     monkeypatch.setenv(cpu_matmul.ENV, "default")
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     layer = torch.nn.Linear(8, 4)
     with cpu_matmul.onednn_linears():
         out = layer(torch.randn(2, 8))
     assert type(out.grad_fn).__name__ == "AddmmBackward0"
     assert not cpu_matmul.eligible(torch.randn(2))
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
 
 
 def test_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv(cpu_matmul.ENV, "mkl")
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     with pytest.raises(ValueError, match=r"R1_CPU_MATMUL='mkl': choose one of auto, onednn, default"):
         cpu_matmul.use_onednn()
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
 
 
 def test_auto_probe_times_both(monkeypatch, tmp_path):
@@ -106,13 +106,13 @@ def test_auto_probe_times_both(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu_matmul.ENV, "auto")
     monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path / "a"))
     monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 0.5))
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     assert cpu_matmul.use_onednn()
     monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path / "b"))  # no kept decision: the probe decides
     monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 0.95))  # under MIN_SPEEDUP: the default stays
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     assert not cpu_matmul.use_onednn()
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
 
 
 def test_the_probe_decides_once_per_machine_and_later_processes_keep_it(monkeypatch, tmp_path, caplog):
@@ -123,20 +123,52 @@ def test_the_probe_decides_once_per_machine_and_later_processes_keep_it(monkeypa
     monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path))
     probes = []
     monkeypatch.setattr(cpu_matmul, "probe", lambda: probes.append(1) or (1.0, 0.5))
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     assert cpu_matmul.use_onednn() and probes == [1]
     kept = json.loads((tmp_path / "cpu_matmul.json").read_text())
     assert kept == {cpu_matmul.machine_key(): {"onednn": True, "onednn_ms": 500.0, "default_ms": 1000.0}}
     monkeypatch.setattr(cpu_matmul, "probe", lambda: probes.append(2) or (1.0, 1.0))  # would now keep the default
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     with caplog.at_level(logging.INFO, logger=cpu_matmul.__name__):
         assert cpu_matmul.use_onednn() and probes == [1]
     assert f"oneDNN (this machine's probe, kept in {tmp_path / 'cpu_matmul.json'}" in caplog.text
     monkeypatch.setattr(torch, "get_num_threads", lambda: 977)  # another thread count is another machine key
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     assert not cpu_matmul.use_onednn() and probes == [1, 2]
     assert len(json.loads((tmp_path / "cpu_matmul.json").read_text())) == 2
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
+
+
+def test_the_decode_probe_decides_packed_weights_beside_the_other_decision(monkeypatch, tmp_path, caplog):
+    """The decode's own decision is probed once and kept in the same machine entry; the settings force it."""
+    if cpu_matmul._reorder_op() is None:
+        pytest.skip("this torch build cannot pack weights for oneDNN")
+    default_s, packed_s = cpu_matmul.probe_decode(repeats=1)
+    assert default_s > 0 and packed_s > 0
+    monkeypatch.setenv(cpu_matmul.ENV, "auto")
+    monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 1.0))  # oneDNN no faster on the other products
+    monkeypatch.setattr(cpu_matmul, "probe_decode", lambda: (0.3, 0.2))  # 1.5x on the decode's
+    cpu_matmul.clear_decisions()
+    with caplog.at_level(logging.INFO, logger=cpu_matmul.__name__):
+        assert not cpu_matmul.use_onednn() and cpu_matmul.use_packed_decode()
+    assert "float32 decode products: oneDNN on packed weights (probe: oneDNN 200.00 ms, default BLAS 300.00 ms" in caplog.text
+    weight = torch.randn(4, 8)
+    assert cpu_matmul.packed_eligible(weight) and not cpu_matmul.eligible(weight)
+    assert not cpu_matmul.packed_eligible(weight.double())
+    kept = json.loads((tmp_path / "cpu_matmul.json").read_text())
+    assert kept == {cpu_matmul.machine_key(): {
+        "onednn": False, "onednn_ms": 1000.0, "default_ms": 1000.0,
+        "decode_packed": True, "decode_packed_ms": 200.0, "decode_default_ms": 300.0,
+    }}
+    monkeypatch.setattr(cpu_matmul, "probe_decode", lambda: pytest.fail("probed over a kept decision"))
+    cpu_matmul.clear_decisions()
+    assert cpu_matmul.use_packed_decode()
+    for setting, expected in (("default", False), ("onednn", True)):
+        monkeypatch.setenv(cpu_matmul.ENV, setting)
+        cpu_matmul.clear_decisions()
+        assert cpu_matmul.use_packed_decode() is expected
+    cpu_matmul.clear_decisions()
 
 
 @pytest.mark.parametrize(
@@ -144,6 +176,8 @@ def test_the_probe_decides_once_per_machine_and_later_processes_keep_it(monkeypa
     [
         ("[1, 2]", r'expected \{"<machine>": \{"onednn": true\|false, ...\}\}'),
         ('{"cpu": {"onednn": "yes"}}', r'expected \{"<machine>"'),
+        ('{"cpu": {"decode_packed": 1}}', r'expected \{"<machine>"'),
+        ('{"cpu": {}}', r'expected \{"<machine>"'),
         ('{"cpu": ', r"cpu_matmul.json:1:9: not JSON"),
     ],
 )
@@ -155,10 +189,10 @@ def test_a_bad_kept_decision_is_refused_by_name(monkeypatch, tmp_path, content, 
     with pytest.raises(ConfigError, match=message):
         cpu_matmul.check()
     if cpu_matmul._onednn_op() is not None:
-        cpu_matmul.use_onednn.cache_clear()
+        cpu_matmul.clear_decisions()
         with pytest.raises(ConfigError, match=message):
             cpu_matmul.use_onednn()
-        cpu_matmul.use_onednn.cache_clear()
+        cpu_matmul.clear_decisions()
 
 
 def test_an_unwritable_cache_costs_a_probe_not_the_run(monkeypatch, tmp_path, caplog):
@@ -168,11 +202,11 @@ def test_an_unwritable_cache_costs_a_probe_not_the_run(monkeypatch, tmp_path, ca
     monkeypatch.setenv(cpu_matmul.ENV, "auto")
     monkeypatch.setenv("R1_LIGHTNING_CACHE", str(tmp_path / "file" / "below"))  # a directory under a file
     monkeypatch.setattr(cpu_matmul, "probe", lambda: (1.0, 0.5))
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     with caplog.at_level(logging.WARNING, logger=cpu_matmul.__name__):
         assert cpu_matmul.use_onednn()
     assert "could not keep the R1_CPU_MATMUL decision" in caplog.text and "each process will probe again" in caplog.text
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
 
 
 def test_chunked_head_gradients_in_weight_blocks(backend, monkeypatch):
@@ -206,12 +240,12 @@ def test_training_log_probs_agree_across_backends(monkeypatch, tiny_model_dir):
     results = {}
     for choice in ("default", "onednn"):
         monkeypatch.setenv(cpu_matmul.ENV, choice)
-        cpu_matmul.use_onednn.cache_clear()
+        cpu_matmul.clear_decisions()
         model.zero_grad()
         logprobs, _ = token_logprobs(model, ids, mask, positions, targets, prompt_length=10)
         logprobs.sum().backward()
         results[choice] = logprobs.detach(), [p.grad.clone() for p in model.parameters()]
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
     (lp_a, grads_a), (lp_b, grads_b) = results["default"], results["onednn"]
     torch.testing.assert_close(lp_b, lp_a, rtol=0, atol=1e-5)
     assert lp_a[:, 10:].abs().sum() > 0

@@ -39,16 +39,20 @@ def _mistral(**overrides) -> torch.nn.Module:
     return MistralForCausalLM(config)
 
 
-@pytest.fixture(params=["default", "onednn"])
+@pytest.fixture(params=["default", "onednn", "onednn-packed"])
 def backend(request, monkeypatch):
-    """Both float32 product paths (transposed copies with the default BLAS, `[out, in]` through oneDNN), whichever
-    this machine's probe picked."""
-    if request.param == "onednn" and cpu_matmul._onednn_op() is None:
+    """Every float32 product path of the step (transposed copies with the default BLAS, `[out, in]` through oneDNN,
+    oneDNN on packed weights), whichever this machine's probes picked."""
+    if request.param != "default" and cpu_matmul._onednn_op() is None:
         pytest.skip("this torch build has no oneDNN linear op")
-    monkeypatch.setenv(cpu_matmul.ENV, request.param)
-    cpu_matmul.use_onednn.cache_clear()
+    if request.param == "onednn-packed" and cpu_matmul._reorder_op() is None:
+        pytest.skip("this torch build cannot pack weights for oneDNN")
+    monkeypatch.setenv(cpu_matmul.ENV, "default" if request.param == "default" else "onednn")
+    if request.param == "onednn":
+        monkeypatch.setattr(cpu_matmul, "packed_eligible", lambda *tensors: False)
+    cpu_matmul.clear_decisions()
     yield request.param
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_matmul.clear_decisions()
 
 
 def _build(factory, dtype=torch.float32, **overrides) -> torch.nn.Module:
@@ -110,6 +114,35 @@ def test_copies_are_views_of_one_block_equal_to_the_weights(transposed):
                                                            if transposed or len(group) > 1)
     if not transposed:  # a single linear's own weight, no copy
         assert fused[1][0].data_ptr() == attention.o_proj.weight.data_ptr()
+
+
+def test_packed_weights_give_each_groups_products():
+    if cpu_matmul._reorder_op() is None:
+        pytest.skip("this torch build cannot pack weights for oneDNN")
+    layer = _build(_llama).model.layers[0]  # biases everywhere
+    attention, mlp = layer.self_attn, layer.mlp
+    groups = [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
+    generator = torch.Generator().manual_seed(0)
+    for (packed, bias), group in zip(fast_decode.packed_weights(groups, rows=8), groups):
+        inputs = torch.randn(5, group[0].in_features, generator=generator)  # 5 rows where packing was told 8
+        expected = torch.cat([linear(inputs) for linear in group], dim=-1)
+        torch.testing.assert_close(cpu_matmul.mm_packed(inputs, packed, bias), expected, rtol=0, atol=1e-5)
+
+
+def test_the_onednn_setting_packs_every_weight_once_per_generate(monkeypatch):
+    if cpu_matmul._reorder_op() is None:
+        pytest.skip("this torch build cannot pack weights for oneDNN")
+    monkeypatch.setenv(cpu_matmul.ENV, "onednn")
+    cpu_matmul.clear_decisions()
+    packed = []
+    pack = cpu_matmul.pack_nt
+    monkeypatch.setattr(cpu_matmul, "pack_nt", lambda weight, rows: packed.append((tuple(weight.shape), rows)) or pack(weight, rows))
+    model = _build(_qwen2)
+    _generate(model, 3, True, monkeypatch)
+    # Per layer Q/K/V fused (64 + 2 * 32 outputs), O, gate/up fused, down; then the head; for the 3 prompts x 3 rows.
+    per_layer = [((128, 64), 9), ((64, 64), 9), ((256, 64), 9), ((64, 128), 9)]
+    assert packed == per_layer * 2 + [((VOCAB, 64), 9)]
+    cpu_matmul.clear_decisions()
 
 
 def test_builtin_tiny_greedy_and_sampled_match(monkeypatch):

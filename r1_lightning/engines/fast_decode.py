@@ -12,10 +12,12 @@ Face modules in their order and the same SDPA call, with
 - every linear weight stored transposed (`[in, out]`): `x @ W` is 1.2-1.8x faster than
   `F.linear`'s `x @ W.T` at decode's few rows with MKL; where float32 products run through oneDNN
   (`rl.cpu_matmul`, 1.5-2.3x MKL's at 8 rows on AMD EPYC) the weights keep their `[out, in]` layout,
-  and a single linear's weight is used in place, not copied;
+  and a single linear's weight is used in place, not copied; where the decode probe picks oneDNN on
+  packed weights (`cpu_matmul.use_packed_decode`: 1.4-1.5x MKL's at 8 rows on an AVX2-only AMD EPYC,
+  where plain oneDNN was not faster), every weight is reordered once per call into oneDNN's layout;
 - 2-D activations (one position per row) and rotary embedding on queries and keys in one pass.
 
-The fused or transposed weights are copies made at every `generate` call (the others the model's
+The fused, transposed or packed weights are copies made at every `generate` call (the others the model's
 own tensors), so an optimizer step between calls is always seen; at most `MAX_WEIGHT_BYTES` of
 them. Tokens are the Hugging Face forward's; with the default BLAS, log-probs are bit-identical at
 24+ rows and in bfloat16 and within 1e-6 at a few rows, where MKL rounds the transposed product
@@ -158,10 +160,11 @@ def is_silu(module: nn.Module) -> bool:
 
 
 def _build_step(model: nn.Module, cache) -> DecodeStep:
-    """Gather the parameters (fused and transposed copies) and return the step closure."""
+    """Gather the parameters (fused, transposed or packed copies) and return the step closure."""
     backbone = model.model
-    onednn = cpu_matmul.eligible(model.lm_head.weight)
-    linear = cpu_matmul.mm_nt if onednn else _linear
+    packed = cpu_matmul.packed_eligible(model.lm_head.weight)
+    onednn = packed or cpu_matmul.eligible(model.lm_head.weight)
+    linear = cpu_matmul.mm_packed if packed else cpu_matmul.mm_nt if onednn else _linear
     groups = [
         group
         for layer in backbone.layers
@@ -170,7 +173,9 @@ def _build_step(model: nn.Module, cache) -> DecodeStep:
             (layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,),
         )
     ]
-    weights = iter(fused_weights(groups + [(model.lm_head,)], transposed=not onednn))
+    groups.append((model.lm_head,))
+    rows = cache.layers[0].keys.shape[0]
+    weights = iter(packed_weights(groups, rows) if packed else fused_weights(groups, transposed=not onednn))
     layers = []
     for layer, cache_layer in zip(backbone.layers, cache.layers):
         (w_qkv, b_qkv), (w_o, b_o), (w_gu, b_gu), (w_down, b_down) = (next(weights) for _ in range(4))
@@ -236,13 +241,25 @@ def fused_weights(groups: list[tuple[nn.Linear, ...]], transposed: bool = False)
                 start = end
         else:
             weight = group[0].weight.detach()
-        bias = None
-        if any(linear.bias is not None for linear in group):
-            bias = torch.cat([
-                linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features) for linear in group
-            ])
-        fused.append((weight, bias))
+        fused.append((weight, fused_bias(group)))
     return fused
+
+
+def packed_weights(groups: list[tuple[nn.Linear, ...]], rows: int) -> list[tuple[Tensor, Tensor | None]]:
+    """Each group's weights concatenated (`fused_weights`' `[sum(out), in]`) and packed for oneDNN products at about
+    ``rows`` rows (`cpu_matmul.pack_nt`), and their concatenated bias: the packed copies are the only ones kept."""
+    packed = []
+    for group in groups:
+        weight = group[0].weight if len(group) == 1 else torch.cat([linear.weight.detach() for linear in group])
+        packed.append((cpu_matmul.pack_nt(weight, rows), fused_bias(group)))
+    return packed
+
+
+def fused_bias(group: tuple[nn.Linear, ...]) -> Tensor | None:
+    """The group's biases concatenated: None when none has one, zeros where only some do."""
+    if all(linear.bias is None for linear in group):
+        return None
+    return torch.cat([linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features) for linear in group])
 
 
 def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:

@@ -16,6 +16,12 @@ other, processes deciding afresh would flip between them, and a resumed run (or 
 would then round differently from the run it continues. The project's own hot paths call `mm_nt`
 (the fast decode step, the chunked LM head) or run under `onednn_linears()` (the training
 forwards: every eligible `F.linear`, forward and backward).
+
+The fast decode step has a second decision of its own (`use_packed_decode`): its few rows per product
+read every weight from memory at every token, and oneDNN on weights reordered once into its own blocked
+layout (`pack_nt`, `mm_packed`: no per-product packing of the weight) ran them 1.4-1.5x faster than MKL
+on the AVX2-only AMD EPYC VM where plain oneDNN was no faster (8 rows, SmolLM2's layer shapes). Its
+probe times MKL and the packed product on decode-like products over more weight than a CPU cache holds.
 """
 
 from __future__ import annotations
@@ -43,15 +49,25 @@ log = logging.getLogger(__name__)
 
 ENV = "R1_CPU_MATMUL"
 CHOICES = ("auto", "onednn", "default")
+# The decisions a machine's entry in `decision_file` keeps (each a bool; timings beside them).
+DECISIONS = ("onednn", "decode_packed")
 # oneDNN must be this much faster on the probe to be taken: within it, the default is kept.
 MIN_SPEEDUP = 1.1
 # (rows, in, out) of the probe: a decode step's few rows and a training forward's many.
 PROBE_SHAPES = ((8, 576, 1536), (512, 576, 1536))
+# (rows, in, out, weights) of the decode probe: a decode step's few rows over 56 MB of weights, more than a CPU's
+# last-level cache holds, as a model's layers stream from memory at every token.
+DECODE_PROBE = (8, 576, 1536, 16)
 
 
 def _onednn_op():
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     return op if op is not None and torch.backends.mkldnn.is_available() else None
+
+
+def _reorder_op():
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+    return op if _onednn_op() is not None else None
 
 
 def _ieee_float32() -> bool:
@@ -94,22 +110,53 @@ def use_onednn() -> bool:
         return False
     if choice == "onednn":
         return True
+    chosen = _decide("onednn", probe, ("onednn_ms", "default_ms"))
+    log.info("float32 CPU matmuls: %s (%s; %s=default|onednn to choose)", "oneDNN" if chosen[0] else "the default BLAS", chosen[1], ENV)
+    return chosen[0]
+
+
+@functools.cache
+def use_packed_decode() -> bool:
+    """Whether the fast decode step's float32 products run through oneDNN on weights packed once per ``generate``
+    (`pack_nt`, `mm_packed`): ``R1_CPU_MATMUL=onednn`` yes, ``default`` no, ``auto`` the decode probe's pick
+    (`probe_decode`; kept per machine like `use_onednn`'s).
+
+    Raises:
+        ConfigError: ``R1_CPU_MATMUL`` is not one of ``auto``, ``onednn``, ``default``.
+    """
+    choice = setting()
+    if choice == "default" or _reorder_op() is None or not _ieee_float32():
+        return False
+    if choice == "onednn":
+        return True
+    chosen = _decide("decode_packed", probe_decode, ("decode_packed_ms", "decode_default_ms"))
+    log.info(
+        "float32 decode products: %s (%s; %s=default|onednn to choose)",
+        "oneDNN on packed weights" if chosen[0] else "as the other products", chosen[1], ENV,
+    )
+    return chosen[0]
+
+
+def clear_decisions() -> None:
+    """Forget this process's decisions (`use_onednn`, `use_packed_decode`): the next products read
+    `R1_CPU_MATMUL` and the kept file again (for tests, and code that changes the variable)."""
+    use_onednn.cache_clear()
+    use_packed_decode.cache_clear()
+
+
+def _decide(name: str, run_probe, timing_names: tuple[str, str]) -> tuple[bool, str]:
+    """This machine's kept decision ``name``, or the probe's (oneDNN at least `MIN_SPEEDUP` faster), then kept;
+    and where it came from, for the log line."""
     path, key = decision_file(), machine_key()
     decisions = _read_decisions(path)
-    if key in decisions:
-        chosen = decisions[key]["onednn"]
-        source = f"this machine's probe, kept in {path}; delete it to probe again"
-    else:
-        default_s, onednn_s = probe()
-        chosen = default_s >= MIN_SPEEDUP * onednn_s
-        source = f"probe: oneDNN {onednn_s * 1e3:.2f} ms, default BLAS {default_s * 1e3:.2f} ms"
-        decisions[key] = {"onednn": chosen, "onednn_ms": round(onednn_s * 1e3, 3), "default_ms": round(default_s * 1e3, 3)}
-        _write_decisions(path, decisions)
-    log.info(
-        "float32 CPU matmuls: %s (%s; %s=default|onednn to choose)",
-        "oneDNN" if chosen else "the default BLAS", source, ENV,
-    )
-    return chosen
+    entry = decisions.setdefault(key, {})
+    if name in entry:
+        return entry[name], f"this machine's probe, kept in {path}; delete it to probe again"
+    default_s, onednn_s = run_probe()
+    chosen = default_s >= MIN_SPEEDUP * onednn_s
+    entry.update({name: chosen, timing_names[0]: round(onednn_s * 1e3, 3), timing_names[1]: round(default_s * 1e3, 3)})
+    _write_decisions(path, decisions)
+    return chosen, f"probe: oneDNN {onednn_s * 1e3:.2f} ms, default BLAS {default_s * 1e3:.2f} ms"
 
 
 def decision_file() -> Path:
@@ -147,7 +194,8 @@ def _read_decisions(path: Path) -> dict[str, dict]:
             f"{path}:{error.lineno}:{error.colno}: not JSON ({error.msg}); delete it to probe again"
         ) from None
     if not isinstance(decisions, dict) or not all(
-        isinstance(entry, dict) and isinstance(entry.get("onednn"), bool) for entry in decisions.values()
+        isinstance(entry, dict) and entry and all(isinstance(entry.get(name, False), bool) for name in DECISIONS)
+        for entry in decisions.values()
     ):
         raise ConfigError(f'{path}: expected {{"<machine>": {{"onednn": true|false, ...}}}}; delete it to probe again')
     return decisions
@@ -179,13 +227,49 @@ def probe(repeats: int = 5) -> tuple[float, float]:
     return default_s, onednn_s
 
 
+def probe_decode(repeats: int = 3) -> tuple[float, float]:
+    """Seconds of the default `x @ W.T` and of `mm_packed` on `DECODE_PROBE`'s weights (each the best of `repeats`
+    passes over all of them, alternated). Packing itself is left out: a ``generate`` call packs once for all its tokens."""
+    rows, inputs, outputs, count = DECODE_PROBE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inputs, generator=generator)
+    weights = [torch.randn(outputs, inputs, generator=generator) for _ in range(count)]
+    packed = [pack_nt(w, rows) for w in weights]
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, run in enumerate((lambda: [x @ w.T for w in weights], lambda: [mm_packed(x, p) for p in packed])):
+            start = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def pack_nt(weight: Tensor, rows: int) -> Tensor:
+    """`weight [N, K]` reordered into oneDNN's blocked layout for products `x [rows, K] @ weight.T` (`mm_packed`): a
+    copy, opaque to everything else. ``rows`` is a hint; other row counts give the same values."""
+    return _reorder_op()(weight.detach().contiguous(), rows)
+
+
+def mm_packed(a: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`a @ weight.T (+ bias)` for 2-D float32 `a [M, K]` and `packed = pack_nt(weight, ...)` (no autograd)."""
+    return _onednn_op()(_dense(a), packed, bias, "none", [], "")
+
+
 def eligible(*tensors: Tensor | None) -> bool:
     """Plain float32 CPU tensors (no subclass such as DTensor), outside autocast, and oneDNN chosen."""
     present = [t for t in tensors if t is not None]
+    return _plain_float32(present) and use_onednn()
+
+
+def packed_eligible(*tensors: Tensor | None) -> bool:
+    """As `eligible`, for the fast decode step's packed weights (`use_packed_decode`)."""
+    return _plain_float32([t for t in tensors if t is not None]) and use_packed_decode()
+
+
+def _plain_float32(tensors: list[Tensor]) -> bool:
     return (
-        all(type(t) in (Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu" for t in present)
+        all(type(t) in (Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and not torch.is_autocast_enabled("cpu")
-        and use_onednn()
     )
 
 
