@@ -35,9 +35,8 @@ from r1_lightning.modules.grpo_options import (
     check_options,
     check_sampling,
     check_update_split,
-    module_micro_batch,
-    module_recompute,
 )
+from r1_lightning.modules.grpo_update import policy_update
 from r1_lightning.modules.plumbing import (
     PREDICT_STREAM,
     EngineLifecycle,
@@ -51,15 +50,13 @@ from r1_lightning.modules.plumbing import (
     save_training_state,
 )
 from r1_lightning.optim import FlatGradients, check_optimizer_options, place_optimizer_memory, total_training_steps
-from r1_lightning.parallel import check_backward_passes, clip_grad_norm
 from r1_lightning.policy import LoraSettings, load_tokenizer, token_logprobs, unwrap_model
 from r1_lightning.rewards import Accuracy, LenientFormat, RewardFn, RewardSet
 from r1_lightning.rl.advantages import AdvantageEstimator, dynamic_sampling_mask, resolve_advantage_estimator
 from r1_lightning.rl.groups import per_completion, repeat_per_completion
 from r1_lightning.rl.kl import KLEstimator, KLPenalty
 from r1_lightning.rl.losses import ClippedLoss, PolicyLoss
-from r1_lightning.rl.masked import masked_mean
-from r1_lightning.rl.sampler_correction import CorrectionLevel, CorrectionMode, sampler_weights
+from r1_lightning.rl.sampler_correction import CorrectionLevel, CorrectionMode
 
 
 @dataclass
@@ -327,7 +324,9 @@ class GRPO(L.LightningModule):
         old_logprobs = self._old_logprobs(inputs, target_mask, P) if hp.num_iterations > 1 else None
 
         for _ in range(hp.num_iterations):
-            update_metrics = self._update(inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs)
+            update_metrics = policy_update(
+                self, inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, rollout.logprobs
+            )
         self._steps_in_process += 1
         if hp.compile == "auto" and self._steps_in_process == 2:  # once a process; its first step is warm-up
             self._decide_compile(time.process_time() - training_start, max(self.trainer.global_step - steps_before, 1))
@@ -375,54 +374,6 @@ class GRPO(L.LightningModule):
         keep, metrics = dynamic_sampling_mask(rewards, G)
         return loss_mask & per_completion(keep, G)[:, None], {**metrics, "dynamic_sampling_draws": torch.tensor(float(draws))}
 
-    def _update(self, inputs, target_mask, P, loss_mask, advantages, old_logprobs, ref_logprobs, sampler_logprobs) -> dict[str, torch.Tensor]:
-        """One pass over the rollouts in mini-batches (one optimizer step each) of micro-batches."""
-        hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
-        rows = advantages.shape[0]
-        mini = hp.mini_batch_size or rows
-        micro = min(hp.micro_batch_size or module_micro_batch(self, mini, inputs["input_ids"].shape[1] - P, P), mini)
-        self._recompute = module_recompute(self, inputs["input_ids"].shape[1] - P)
-        check_backward_passes(self, hp.num_iterations * sum(-(-min(mini, rows - s) // micro) for s in range(0, rows, mini)))
-        totals: dict[str, torch.Tensor] = {}
-        for start in range(0, rows, mini):
-            stop = min(start + mini, rows)
-            micro_batches = [slice(s, min(s + micro, stop)) for s in range(start, stop, micro)]
-            # Denominators that make the micro-batch gradients add up to the mini-batch's (over all ranks
-            # where the aggregation is global, so N ranks step as one process on the global batch).
-            normalizers = self.policy_loss.normalizers(loss_mask, micro_batches, hp.max_new_tokens)
-            self.flat_gradients.allocate()
-            for r, normalizer in zip(micro_batches, normalizers):
-                logprobs, entropy = self._policy_logprobs({k: v[r] for k, v in inputs.items()}, target_mask[r], P)
-                old = logprobs.detach() if old_logprobs is None else old_logprobs[r]
-                penalty, kl_metrics = None, {}
-                if ref_logprobs is not None and self.kl_penalty.placement == "loss":
-                    penalty, kl_metrics = self.kl_penalty.loss_term(logprobs, old, ref_logprobs[r], loss_mask[r])
-                weights, sampler_metrics = self._sampler_weights(old, sampler_logprobs[r], loss_mask[r])
-                loss, metrics = self.policy_loss(
-                    logprobs, old, advantages[r], loss_mask[r], penalty=penalty, entropy=entropy, token_weights=weights,
-                    normalizer=normalizer, max_completion_length=hp.max_new_tokens,
-                )
-                metrics.update(kl_metrics)
-                metrics.update(sampler_metrics)
-                self.manual_backward(loss)
-                self.guard.record_loss(loss)
-                weight = (r.stop - r.start) / rows
-                metrics = {**metrics, "loss": loss.detach(), "entropy": masked_mean(entropy, loss_mask[r])}
-                for name, value in metrics.items():
-                    if name == "sampler_is_ratio_max":
-                        totals[name] = torch.maximum(totals.get(name, value), value)
-                        continue
-                    totals[name] = totals.get(name, 0.0) + value.detach() * (1.0 if name in ("loss", "policy_loss") else weight)
-            self.flat_gradients.drop_unreceived()
-            if hp.max_grad_norm > 0:
-                clip_grad_norm(self, optimizer, hp.max_grad_norm)  # FSDP1 needs its root's own clipping
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            self.engine.mark_stale()  # an engine with its own copy of the weights pushes them before the next rollout
-        num_minibatches = -(-rows // mini)
-        return {k: v / num_minibatches if k in ("loss", "policy_loss") else v for k, v in totals.items()}
-
     def _sample(self, batch: dict[str, Any], stream: int) -> SampledGroups:
         """G completions for each prompt of ``batch``, and their rewards."""
         G = self.hparams.num_generations
@@ -454,16 +405,6 @@ class GRPO(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called inside `optimizer.step()`: no-signal and (with nonfinite: skip) NaN steps drop their gradients.
         self.guard.before_optimizer_step(self, optimizer)
-
-    def _sampler_weights(self, old_logprobs, sampler_logprobs, loss_mask) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Importance weights π_old / π_sampler when the engine is not the policy itself; (None, {}) when it is."""
-        hp = self.hparams
-        if self.engine.samples_from_policy:
-            return None, {}
-        weights, metrics = sampler_weights(
-            old_logprobs, sampler_logprobs, loss_mask, hp.sampler_correction, hp.sampler_correction_level, hp.sampler_correction_threshold
-        )
-        return (None if hp.sampler_correction == "none" else weights), metrics
 
     def _prompt_texts(self, batch: dict[str, Any]) -> list[str]:
         """Rendered prompts: ``PromptDataModule`` sends them; another data module's ids are decoded."""
