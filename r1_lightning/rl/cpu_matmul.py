@@ -110,9 +110,9 @@ def use_onednn() -> bool:
         return False
     if choice == "onednn":
         return True
-    chosen = _decide("onednn", probe, ("onednn_ms", "default_ms"))
-    log.info("float32 CPU matmuls: %s (%s; %s=default|onednn to choose)", "oneDNN" if chosen[0] else "the default BLAS", chosen[1], ENV)
-    return chosen[0]
+    chosen, source = _decide("onednn", probe, ("onednn_ms", "default_ms"))
+    log.info("float32 CPU matmuls: %s (%s; %s=default|onednn to choose)", "oneDNN" if chosen else "the default BLAS", source, ENV)
+    return chosen
 
 
 @functools.cache
@@ -129,12 +129,12 @@ def use_packed_decode() -> bool:
         return False
     if choice == "onednn":
         return True
-    chosen = _decide("decode_packed", probe_decode, ("decode_packed_ms", "decode_default_ms"))
+    chosen, source = _decide("decode_packed", probe_decode, ("decode_packed_ms", "decode_default_ms"))
     log.info(
         "float32 decode products: %s (%s; %s=default|onednn to choose)",
-        "oneDNN on packed weights" if chosen[0] else "as the other products", chosen[1], ENV,
+        "oneDNN on packed weights" if chosen else "as the other products", source, ENV,
     )
-    return chosen[0]
+    return chosen
 
 
 def clear_decisions() -> None:
