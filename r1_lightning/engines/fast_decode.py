@@ -163,7 +163,7 @@ def _build_step(model: nn.Module, cache) -> DecodeStep:
     """Gather the parameters (fused, transposed or packed copies) and return the step closure."""
     backbone = model.model
     packed = cpu_matmul.packed_eligible(model.lm_head.weight)
-    onednn = packed or cpu_matmul.eligible(model.lm_head.weight)
+    onednn = cpu_matmul.eligible(model.lm_head.weight)
     linear = cpu_matmul.mm_packed if packed else cpu_matmul.mm_nt if onednn else _linear
     groups = [
         group

@@ -105,13 +105,9 @@ def use_onednn() -> bool:
     Raises:
         ConfigError: ``R1_CPU_MATMUL`` is not one of ``auto``, ``onednn``, ``default``.
     """
-    choice = setting()
-    if choice == "default" or _onednn_op() is None or not _ieee_float32():
-        return False
-    if choice == "onednn":
-        return True
-    chosen, source = _decide("onednn", probe, ("onednn_ms", "default_ms"))
-    log.info("float32 CPU matmuls: %s (%s; %s=default|onednn to choose)", "oneDNN" if chosen else "the default BLAS", source, ENV)
+    chosen, source = _decide("onednn", _onednn_op() is not None, probe, ("onednn_ms", "default_ms"))
+    if source is not None:
+        log.info("float32 CPU matmuls: %s (%s; %s=default|onednn to choose)", "oneDNN" if chosen else "the default BLAS", source, ENV)
     return chosen
 
 
@@ -124,16 +120,12 @@ def use_packed_decode() -> bool:
     Raises:
         ConfigError: ``R1_CPU_MATMUL`` is not one of ``auto``, ``onednn``, ``default``.
     """
-    choice = setting()
-    if choice == "default" or _reorder_op() is None or not _ieee_float32():
-        return False
-    if choice == "onednn":
-        return True
-    chosen, source = _decide("decode_packed", probe_decode, ("decode_packed_ms", "decode_default_ms"))
-    log.info(
-        "float32 decode products: %s (%s; %s=default|onednn to choose)",
-        "oneDNN on packed weights" if chosen else "as the other products", source, ENV,
-    )
+    chosen, source = _decide("decode_packed", _reorder_op() is not None, probe_decode, ("decode_packed_ms", "decode_default_ms"))
+    if source is not None:
+        log.info(
+            "float32 decode products: %s (%s; %s=default|onednn to choose)",
+            "oneDNN on packed weights" if chosen else "as the other products", source, ENV,
+        )
     return chosen
 
 
@@ -144,9 +136,15 @@ def clear_decisions() -> None:
     use_packed_decode.cache_clear()
 
 
-def _decide(name: str, run_probe, timing_names: tuple[str, str]) -> tuple[bool, str]:
-    """This machine's kept decision ``name``, or the probe's (oneDNN at least `MIN_SPEEDUP` faster), then kept;
-    and where it came from, for the log line."""
+def _decide(name: str, available: bool, run_probe, timing_names: tuple[str, str]) -> tuple[bool, str | None]:
+    """Decision ``name``: `R1_CPU_MATMUL`'s where it forces one (or no, where oneDNN is not ``available`` or not
+    IEEE float32), else this machine's kept one or the probe's (oneDNN at least `MIN_SPEEDUP` faster), then kept;
+    and, for the latter two, where it came from for the log line."""
+    choice = setting()
+    if choice == "default" or not available or not _ieee_float32():
+        return False, None
+    if choice == "onednn":
+        return True, None
     path, key = decision_file(), machine_key()
     decisions = _read_decisions(path)
     entry = decisions.setdefault(key, {})
