@@ -35,5 +35,8 @@ $(TEST_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/r1-lightning recipe configs/recipes/r1_tiny.yaml
 
+# One pytest-xdist worker per core (at most 4: the multi-process tests start their own processes), each test
+# process on one torch thread (tests/conftest.py); a file's tests run on one worker (--dist loadscope), so its
+# module fixtures (the distributed runs, the vLLM engines, the packaged model) are set up once.
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadscope
