@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from r1_lightning.cache import cache_root
 from r1_lightning.engines.lean_layers import lean_layers
 from r1_lightning.errors import ConfigError
-from r1_lightning.rl.cpu_matmul import onednn_linears
+from r1_lightning.rl.cpu_matmul import checkpoint_contexts, onednn_linears
 
 BUILTIN_PREFIX = "builtin:"
 THINK_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -254,7 +254,8 @@ def load_model(
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The recompute runs the products the forward ran (oneDNN's under `onednn_linears`, cpu_matmul.checkpoint_contexts).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts})
         model.config.use_cache = False
     if lora is not None:
         # The CLI saves hyper-parameters as parsed: a LoraSettings can arrive as a plain dict.

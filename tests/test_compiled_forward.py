@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from r1_lightning.policy import LoraSettings, apply_lora, build_builtin_model, token_logprobs
+from r1_lightning.policy import LoraSettings, apply_lora, build_builtin_model, load_model, token_logprobs
 from r1_lightning.engines import compiled_forward
 from r1_lightning.engines.logprobs import shared_prefix_hidden
+from r1_lightning.rl import cpu_matmul
 
 VOCAB = 96
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
@@ -103,8 +104,23 @@ def test_recomputed_suffix_layers_give_the_same_values_and_gradients_and_run_aga
     assert calls[len(kept):] == [("suffix", True)] * suffix_calls
 
 
+@pytest.fixture(params=["default", "onednn"])
+def products(request, monkeypatch):
+    """The eager training products on the default BLAS, then on oneDNN (`cpu_matmul.onednn_linears`)."""
+    from r1_lightning.rl import cpu_matmul
+
+    if request.param == "onednn" and cpu_matmul._onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setenv(cpu_matmul.ENV, request.param)
+    cpu_matmul.clear_decisions()
+    yield request.param
+    cpu_matmul.clear_decisions()
+
+
 @pytest.mark.parametrize("compile, recompute", [(True, False), (False, True), (True, True)])
-def test_token_logprobs_runs_the_layer_functions_in_the_grad_pass(compile, recompute, monkeypatch):
+def test_token_logprobs_runs_the_layer_functions_in_the_grad_pass(compile, recompute, products, monkeypatch):
+    # Under oneDNN the recompute in the backward must run oneDNN's products too, though the backward runs after the
+    # forward's `onednn_linears()` has closed: other products save other tensors, and the checkpoint refused them.
     # The lean layers swap the modules' forwards for the pass, and the layer functions refuse a swapped forward:
     # they must be chosen before, or compile and recompute would silently keep the Hugging Face forward.
     model = _build(_qwen2)
@@ -128,6 +144,27 @@ def test_token_logprobs_runs_the_layer_functions_in_the_grad_pass(compile, recom
     got.sum().backward()
     assert calls.count("suffix") == (2 * forward if recompute else forward)  # recomputed: each again in the backward
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_hugging_face_checkpointing_recomputes_with_the_forwards_products(products):
+    # gradient_checkpointing=True (Hugging Face's, non-reentrant), as the real-model configs set it. The recompute runs
+    # after token_logprobs' contexts have closed; it once ran other forwards than the pass (the lean layers' swap
+    # gone; under oneDNN, MKL's products), and the checkpoint refused what they saved (CheckpointError).
+    plain = load_model("builtin:tiny", vocab_size=VOCAB).train()
+    checkpointed = load_model("builtin:tiny", vocab_size=VOCAB, gradient_checkpointing=True).train()
+    assert checkpointed.is_gradient_checkpointing
+    torch.testing.assert_close(checkpointed.state_dict(), plain.state_dict(), rtol=0, atol=0)
+    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
+    target_mask = attention_mask.bool().clone()
+    target_mask[:, :P] = False
+    grads = []
+    for model in (plain, checkpointed):
+        token_logprobs(model, input_ids, attention_mask, position_ids, target_mask)[0].sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, grad in grads[0].items():
+        # Float32 rounding only: the checkpointed layers run the plain MLP and norm forwards, not the lean ones.
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
 def test_recompute_needs_the_layer_functions():

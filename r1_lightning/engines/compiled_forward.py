@@ -171,7 +171,9 @@ class CompiledLayers:
             for weights, (past_keys, past_values) in zip(self.layers, past):
                 args = ("suffix", self._shape, self.compile, hidden, weights, cos, sin, mask, past_keys, past_values)
                 # No random numbers to replay: the layers have no dropout (attention dropout is refused).
-                hidden = checkpoint(_call, *args, use_reentrant=False, preserve_rng_state=False) if recompute else _call(*args)
+                hidden = checkpoint(
+                    _call, *args, use_reentrant=False, preserve_rng_state=False, context_fn=cpu_matmul.checkpoint_contexts
+                ) if recompute else _call(*args)
         return rms_norm(hidden, self.norm_weight, self.norm_eps)
 
     @property

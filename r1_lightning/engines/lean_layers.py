@@ -108,6 +108,11 @@ def _plain(module: nn.Module) -> bool:
     return "forward" not in module.__dict__ and not (module._forward_hooks or module._forward_pre_hooks)
 
 
+def _checkpointed(model: nn.Module) -> bool:
+    """Whether Hugging Face's gradient checkpointing is on in `model` (its flag on the model and its layers)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 def _autocast_enabled() -> bool:
     return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda", "xpu"))
 
@@ -116,7 +121,11 @@ def _autocast_enabled() -> bool:
 def lean_layers(model: nn.Module) -> Iterator[None]:
     """Inside, the recognised gated MLPs and RMSNorms of `model` run `silu_gated_down` and
     `rms_norm_keeping_input` in forwards that build a graph (none under autocast)."""
-    if not torch.is_grad_enabled() or _autocast_enabled():  # autocast: the backward's dtypes would be autocast's
+    if not torch.is_grad_enabled() or _autocast_enabled() or _checkpointed(model):
+        # autocast: the backward's dtypes would be autocast's. Hugging Face's gradient checkpointing runs each layer's
+        # forward again in the backward, after this context has closed: through the plain forwards, which save other
+        # tensors than the lean ones (non-reentrant checkpointing refuses the mismatch), and its layers keep only
+        # their inputs anyway.
         yield
         return
     mlps, norms = part_types("MLP"), part_types("RMSNorm")

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -317,6 +318,10 @@ class _Linears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# How many `onednn_linears()` this thread is inside (`checkpoint_contexts` reads it).
+_inside = threading.local()
+
+
 @contextlib.contextmanager
 def onednn_linears() -> Iterator[None]:
     """Inside, every `F.linear` (so every `nn.Linear`) on plain float32 CPU tensors runs `linear`; a no-op
@@ -324,5 +329,18 @@ def onednn_linears() -> Iterator[None]:
     if not use_onednn():
         yield
         return
-    with _Linears():
-        yield
+    _inside.depth = getattr(_inside, "depth", 0) + 1
+    try:
+        with _Linears():
+            yield
+    finally:
+        _inside.depth -= 1
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`torch.utils.checkpoint`'s `context_fn`: the forward as it is, and the recompute in the backward under
+    `onednn_linears()` where the forward ran under it. The backward runs after the forward's `with` has closed, so
+    without this the recompute would run MKL's products where the forward ran oneDNN's: other saved tensors, which
+    non-reentrant checkpointing refuses (`CheckpointError`: different metadata)."""
+    inside = getattr(_inside, "depth", 0) > 0
+    return contextlib.nullcontext(), (_Linears() if inside else contextlib.nullcontext())
