@@ -300,6 +300,30 @@ def test_gradient_checkpointing_auto_recomputes_groups_over_the_budget_with_the_
     assert max_change(start, auto.model) > 1e-5
 
 
+def test_gradient_checkpointing_true_steps_as_a_run_that_keeps_the_activations(tmp_path):
+    """Hugging Face's checkpointing (``gradient_checkpointing: true``, as the real-model configs set it) in the eager
+    passes: each decoder layer runs again in the backward, and the gradients equal a run without it to float rounding.
+    Its recompute once ran other forwards than the pass (the lean layers' swap had ended) and raised CheckpointError
+    at the first backward."""
+    runs = []
+    for setting in (True, False):
+        snapshot, grads = Snapshot(), GradRecorder()
+        module = tiny_grpo(
+            beta=0.04, gradient_checkpointing=setting, compile=False, learning_rate=1e-4, rollout_engine=VariedLengthEngine()
+        )
+        fit(module, prompt_data(), tmp_path / str(setting), max_steps=2, callbacks=[snapshot, grads])
+        assert module.model.is_gradient_checkpointing is setting
+        runs.append((module, snapshot.policy, grads.steps))
+    (checkpointed, start, checkpointed_grads), (kept, kept_start, kept_grads) = runs
+    assert all(torch.equal(start[n], kept_start[n]) for n in start)
+    assert len(checkpointed_grads) == len(kept_grads) == 2
+    for step_checkpointed, step_kept in zip(checkpointed_grads, kept_grads):
+        assert step_checkpointed.keys() == step_kept.keys()
+        for name, grad in step_kept.items():  # the plain forwards in place of the lean ones: float rounding
+            torch.testing.assert_close(step_checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert max_change(start, checkpointed.model) > 1e-5
+
+
 def test_gradient_checkpointing_auto_only_where_a_group_does_not_fit_and_the_layer_functions_apply():
     from r1_lightning.modules.grpo_options import module_recompute
 

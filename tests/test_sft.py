@@ -71,6 +71,27 @@ def test_packed_batch_has_the_same_loss_and_gradients_as_padded(sft, examples):
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(sft, examples):
+    # Hugging Face's checkpointing, as the real-model configs set it: its recompute once ran other forwards than the
+    # pass (the lean layers' swap had ended) and raised CheckpointError at the first backward.
+    checkpointed = PolicySFT("builtin:tiny", logprob_chunk_size=64, gradient_checkpointing=True)
+    checkpointed.configure_model()
+    checkpointed.model.load_state_dict(sft.model.state_dict())
+    was_training = sft.model.training
+    sft.model.train()  # Hugging Face checkpoints only in training mode
+    checkpointed.model.train()
+    assert checkpointed.model.is_gradient_checkpointing
+    batch = pad(examples, sft.tokenizer.pad_token_id)
+    loss, tokens, grads = _loss_and_grads(sft, batch)
+    sft.model.train(was_training)
+    checkpointed_loss, checkpointed_tokens, checkpointed_grads = _loss_and_grads(checkpointed, batch)
+    assert checkpointed_tokens == tokens
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=0)
+    assert checkpointed_grads.keys() == grads.keys()
+    for name, grad in grads.items():  # the plain forwards in place of the lean ones: float rounding
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_packed_sample_does_not_see_its_neighbour(sft, examples):
     tokenizer, pad_id = sft.tokenizer, sft.tokenizer.pad_token_id
     sample, neighbour = examples[0], examples[1]
