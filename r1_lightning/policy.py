@@ -255,7 +255,9 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if gradient_checkpointing:
         # The recompute runs the products the forward ran (oneDNN's under `onednn_linears`, cpu_matmul.checkpoint_contexts).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts}
+        )
         model.config.use_cache = False
     if lora is not None:
         # The CLI saves hyper-parameters as parsed: a LoraSettings can arrive as a plain dict.
