@@ -107,8 +107,6 @@ def test_recomputed_suffix_layers_give_the_same_values_and_gradients_and_run_aga
 @pytest.fixture(params=["default", "onednn"])
 def products(request, monkeypatch):
     """The eager training products on the default BLAS, then on oneDNN (`cpu_matmul.onednn_linears`)."""
-    from r1_lightning.rl import cpu_matmul
-
     if request.param == "onednn" and cpu_matmul._onednn_op() is None:
         pytest.skip("this torch build has no oneDNN linear op")
     monkeypatch.setenv(cpu_matmul.ENV, request.param)
