@@ -82,8 +82,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(sft, examples)
     checkpointed.model.train()
     assert checkpointed.model.is_gradient_checkpointing
     batch = pad(examples, sft.tokenizer.pad_token_id)
-    loss, tokens, grads = _loss_and_grads(sft, batch)
-    sft.model.train(was_training)
+    try:
+        loss, tokens, grads = _loss_and_grads(sft, batch)
+    finally:  # the module fixture is shared: leave its mode as it was
+        sft.model.train(was_training)
     checkpointed_loss, checkpointed_tokens, checkpointed_grads = _loss_and_grads(checkpointed, batch)
     assert checkpointed_tokens == tokens
     torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=0)
