@@ -37,6 +37,8 @@ demo: $(STAMP)
 
 # One pytest-xdist worker per core (at most 4: the multi-process tests start their own processes), each test
 # process on one torch thread (tests/conftest.py); a file's tests run on one worker (--dist loadscope), so its
-# module fixtures (the distributed runs, the vLLM engines, the packaged model) are set up once.
+# module fixtures (the distributed runs, the vLLM engines, the packaged model) are set up once. Files are handed
+# out in collection order, where tests/conftest.py puts the longest first (xdist's own reorder, by test count,
+# would leave the few-test multi-minute files for last).
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadscope
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder
