@@ -39,6 +39,6 @@ demo: $(STAMP)
 # process on one torch thread (tests/conftest.py); a file's tests run on one worker (--dist loadscope), so its
 # module fixtures (the distributed runs, the vLLM engines, the packaged model) are set up once. Files are handed
 # out in collection order, where tests/conftest.py puts the longest first (xdist's own reorder, by test count,
-# would leave the few-test multi-minute files for last).
+# queues the few-test multi-minute files last, where one may run alone at the end).
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder
