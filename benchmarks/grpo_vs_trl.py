@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", default="default", choices=["default", "on", "off"],
                    help="our GRPO(compile=...): default leaves the project's default (auto), on/off force it")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
+    p.add_argument("--gradient-checkpointing", default="default", choices=["default", "auto", "true", "false"],
+                   help="our GRPO(gradient_checkpointing=...): default leaves the project's default (auto)")
     p.add_argument("--trl-compile", action="store_true", help="TRL with its torch_compile option (compiles the whole model)")
     p.add_argument("--trl-continuous-batching", action="store_true",
                    help="TRL generating through transformers' continuous batching (use_transformers_continuous_batching)")
@@ -232,6 +234,8 @@ def run_ours(args) -> None:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=args.beta, learning_rate=args.lr,
         weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0, export_hf=False, seed=args.seed,
         **({} if args.compile == "default" else {"compile": args.compile == "on"}), **engine,
+        **({} if args.gradient_checkpointing == "default"
+           else {"gradient_checkpointing": {"auto": "auto", "true": True, "false": False}[args.gradient_checkpointing]}),
     )
     if args.force_length:  # every completion runs to max_new_tokens: no token ends it
         original = module.sampling_params
@@ -409,7 +413,7 @@ def run_generation(args) -> None:
 def _child(args, role: str) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--role", role, "--workdir", args.workdir]
     for name in ("workload", "device", "prompts", "num_generations", "max_new_tokens", "max_prompt_length", "temperature", "beta",
-                 "lr", "steps", "warmup", "rounds", "gen_repeats", "threads", "seed", "compile", "memory_cap_gib", "engine"):
+                 "lr", "steps", "warmup", "rounds", "gen_repeats", "threads", "seed", "compile", "gradient_checkpointing", "memory_cap_gib", "engine"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.vocab:
         argv += ["--vocab", str(args.vocab)]
