@@ -413,7 +413,8 @@ def run_generation(args) -> None:
 def _child(args, role: str) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--role", role, "--workdir", args.workdir]
     for name in ("workload", "device", "prompts", "num_generations", "max_new_tokens", "max_prompt_length", "temperature", "beta",
-                 "lr", "steps", "warmup", "rounds", "gen_repeats", "threads", "seed", "compile", "gradient_checkpointing", "memory_cap_gib", "engine"):
+                 "lr", "steps", "warmup", "rounds", "gen_repeats", "threads", "seed", "compile", "gradient_checkpointing",
+                 "memory_cap_gib", "engine"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.vocab:
         argv += ["--vocab", str(args.vocab)]

@@ -59,7 +59,7 @@ LONG_FILES = {
 }
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: -LONG_FILES.get(item.path.name, 0))  # stable: the rest keep their order
 
 
