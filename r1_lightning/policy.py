@@ -388,6 +388,7 @@ def _token_logprobs(
     model, input_ids, attention_mask, position_ids, target_mask, temperature, chunk_size, return_entropy, prompt_length, compile,
     recompute,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from r1_lightning.engines import suffix_attention
     from r1_lightning.engines.compiled_forward import CompiledLayers, compiled_layers, layers_unsupported_reason
 
     # The layer functions are chosen before the lean layers swap the modules' forwards, which they refuse.
@@ -396,7 +397,10 @@ def _token_logprobs(
     recompute = bool(recompute and prompt_length and torch.is_grad_enabled()) and (
         layers is not None or layers_unsupported_reason(hf) is None
     )
-    if recompute and layers is None:
+    # Long completions without grad (the reference pass) run through the eager layer functions, which skip the causal half
+    # of their attention (`suffix_attention`); with grad and no recompute the lean layers below keep fewer activations.
+    long_enough = bool(prompt_length) and input_ids.shape[1] - prompt_length >= suffix_attention.MIN_COMPLETION_LENGTH
+    if layers is None and (recompute or long_enough and not torch.is_grad_enabled() and layers_unsupported_reason(hf) is None):
         layers = CompiledLayers(hf, compile=False)
     # Eager forwards run their linears through oneDNN where this CPU favours it (compiled ones as inductor emits them).
     # MLPs and RMSNorms keep fewer activations for backward (engines.lean_layers).

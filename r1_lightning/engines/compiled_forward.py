@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from r1_lightning.engines import suffix_attention
 from r1_lightning.engines.fast_decode import apply_rotary, model_unsupported_reason, rms_norm, rotary
 from r1_lightning.rl import cpu_matmul
 
@@ -159,17 +160,24 @@ class CompiledLayers:
         layer's forward again (`torch.utils.checkpoint`): `[n, S, H]` per layer instead of the layer's ~13
         hidden- and intermediate-sized activations, for one more forward of the suffix. Values and gradients
         are the same bit for bit (the same operations, run again on the same inputs).
+
+        Eager, completions of `suffix_attention.MIN_COMPLETION_LENGTH` or more skip the causal half of their
+        attention (`suffix_attention.causal_suffix_attention`; equal to float rounding).
         """
         width, prompt = input_ids.shape[1], past[0][0].shape[2]
-        query = torch.arange(prompt, prompt + width, device=input_ids.device)  # [S] absolute positions
-        causal = torch.arange(prompt + width, device=input_ids.device)[None, :] <= query[:, None]  # [S, P + S]
-        mask = (causal & attention_mask.bool()[:, None, :])[:, None]  # [n, 1, S, P + S]
         hidden, cos, sin = self._inputs(input_ids, position_ids)
+        if not self.compile and suffix_attention.applies(attention_mask[:, :prompt], attention_mask[:, prompt:]):
+            # Long completions: their causal half of the attention skipped (`suffix_attention`).
+            kind, mask = "causal_suffix", suffix_attention.additive_prompt_mask(attention_mask[:, :prompt], width, hidden.dtype)
+        else:
+            query = torch.arange(prompt, prompt + width, device=input_ids.device)  # [S] absolute positions
+            causal = torch.arange(prompt + width, device=input_ids.device)[None, :] <= query[:, None]  # [S, P + S]
+            kind, mask = "suffix", (causal & attention_mask.bool()[:, None, :])[:, None]  # [n, 1, S, P + S]
         recompute = recompute and torch.is_grad_enabled()
         # A recompute stops early by raising through the layer function, which `_call` would take for a compiler error.
         with set_checkpoint_early_stop(False) if recompute and self.compile else contextlib.nullcontext():
             for weights, (past_keys, past_values) in zip(self.layers, past):
-                args = ("suffix", self._shape, self.compile, hidden, weights, cos, sin, mask, past_keys, past_values)
+                args = (kind, self._shape, self.compile, hidden, weights, cos, sin, mask, past_keys, past_values)
                 # No random numbers to replay: the layers have no dropout (attention dropout is refused).
                 hidden = checkpoint(
                     _call, *args, use_reentrant=False, preserve_rng_state=False, context_fn=cpu_matmul.checkpoint_contexts
@@ -203,10 +211,12 @@ def _call(kind: str, shape: tuple[int, int, int, float, float], compile: bool, *
 
 @functools.cache  # one function per (pass, shape): `_call` runs for every layer of every pass
 def _layer_function(kind: str, shape: tuple[int, int, int, float, float]):
-    """The `prefix` or `suffix` layer function with the model's head counts, head size, scale and epsilon as
-    constants: passed as arguments they would become symbolic under dynamic shapes (and break the graph at SDPA)."""
+    """The `prefix`, `suffix` or `causal_suffix` (`suffix_attention`) layer function with the model's head counts,
+    head size, scale and epsilon as constants: passed as arguments they would become symbolic under dynamic shapes
+    (and break the graph at SDPA)."""
     heads, kv_heads, head_dim, scale, eps = shape
     grouped = bool(heads != kv_heads)
+    causal_suffix = kind == "causal_suffix"  # eager only: `suffix` runs these rows when compiled
 
     def layer(hidden, weights, cos, sin, mask, past_keys=None, past_values=None) -> tuple[Tensor, Tensor, Tensor]:
         """One Hugging Face Llama/Qwen2 decoder layer on `[n, L, H]`; also the new keys and values `[n, kv, L, D]`."""
@@ -216,11 +226,14 @@ def _layer_function(kind: str, shape: tuple[int, int, int, float, float]):
         query = apply_rotary(F.linear(x, wq, bq).view(n, length, heads, head_dim).transpose(1, 2), cos, sin)  # [n, h, L, D]
         keys = apply_rotary(F.linear(x, wk, bk).view(n, length, kv_heads, head_dim).transpose(1, 2), cos, sin)  # [n, kv, L, D]
         values = F.linear(x, wv, bv).view(n, length, kv_heads, head_dim).transpose(1, 2)  # [n, kv, L, D]
-        all_keys = keys if past_keys is None else torch.cat([past_keys, keys], dim=2)  # [n, kv, P + L, D]
-        all_values = values if past_values is None else torch.cat([past_values, values], dim=2)
-        out = F.scaled_dot_product_attention(
-            query, all_keys, all_values, attn_mask=mask, dropout_p=0.0, scale=scale, enable_gqa=grouped
-        )  # [n, h, L, D]
+        if causal_suffix:  # `mask` is the prompt part's alone
+            out = suffix_attention.causal_suffix_attention(query, past_keys, past_values, keys, values, mask, scale)  # [n, h, L, D]
+        else:
+            all_keys = keys if past_keys is None else torch.cat([past_keys, keys], dim=2)  # [n, kv, P + L, D]
+            all_values = values if past_values is None else torch.cat([past_values, values], dim=2)
+            out = F.scaled_dot_product_attention(
+                query, all_keys, all_values, attn_mask=mask, dropout_p=0.0, scale=scale, enable_gqa=grouped
+            )  # [n, h, L, D]
         hidden = hidden + F.linear(out.transpose(1, 2).reshape(n, length, heads * head_dim), wo, bo)
         x = rms_norm(hidden, ln2, eps)
         hidden = hidden + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
@@ -232,4 +245,4 @@ def _layer_function(kind: str, shape: tuple[int, int, int, float, float]):
     def suffix(hidden, weights, cos, sin, mask, past_keys, past_values):
         return layer(hidden, weights, cos, sin, mask, past_keys, past_values)[0]
 
-    return prefix if kind == "prefix" else suffix
+    return prefix if kind == "prefix" else suffix  # "suffix" and "causal_suffix"

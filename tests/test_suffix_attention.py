@@ -1,0 +1,134 @@
+"""The split attention of long completions (`r1_lightning.engines.suffix_attention`) against one masked SDPA call.
+
+Values and gradients must equal the masked call's to float rounding (both measured against float64), with
+grouped KV heads, left-padded prompts and a query laid out as the layer functions make it (a transposed
+view); the layer functions and the reference pass must take it for long completions only, and stay equal to
+the Hugging Face forward there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1_lightning.engines import compiled_forward, suffix_attention
+from r1_lightning.engines.logprobs import shared_prefix_hidden
+from r1_lightning.policy import token_logprobs
+from tests.test_compiled_forward import _build, _hidden_and_grads, _qwen2, _rows
+
+
+def _attention_inputs(n=3, heads=6, kv=2, prompt=5, completion=37, dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # The query as the layer functions make it: [n, L, h, D] transposed to [n, h, L, D] (not contiguous).
+    query = torch.randn(n, completion, heads, dim, generator=gen).transpose(1, 2)
+    prompt_keys, prompt_values = (torch.randn(n, kv, prompt, dim, generator=gen) for _ in range(2))
+    keys, values = (torch.randn(n, kv, completion, dim, generator=gen) for _ in range(2))
+    prompt_mask = torch.ones(n, prompt, dtype=torch.long)
+    prompt_mask[0, :3] = 0  # left padding
+    prompt_mask[1, :1] = 0
+    return [query, prompt_keys, prompt_values, keys, values], prompt_mask
+
+
+def _masked_sdpa(query, prompt_keys, prompt_values, keys, values, prompt_mask, scale):
+    n, completion = query.shape[0], query.shape[2]
+    causal = torch.ones(completion, completion, dtype=torch.bool).tril()
+    mask = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, completion, -1), causal.expand(n, -1, -1)], dim=-1)[:, None]
+    return F.scaled_dot_product_attention(
+        query, torch.cat([prompt_keys, keys], 2), torch.cat([prompt_values, values], 2), attn_mask=mask, scale=scale, enable_gqa=True
+    )
+
+
+def _value_and_grads(fn, tensors, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(upstream.to(out.dtype))
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+def test_split_attention_equals_the_masked_call_to_float_rounding():
+    tensors, prompt_mask = _attention_inputs()
+    scale = 0.25
+    upstream = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(3))
+    mask = suffix_attention.additive_prompt_mask(prompt_mask, tensors[0].shape[2], torch.float32)
+    split = _value_and_grads(lambda *t: suffix_attention.causal_suffix_attention(*t, mask, scale), tensors, upstream)
+    masked = _value_and_grads(lambda *t: _masked_sdpa(*t, prompt_mask, scale), tensors, upstream)
+    exact = _value_and_grads(lambda *t: _masked_sdpa(*t, prompt_mask, scale), [t.double() for t in tensors], upstream)
+    names = ["output", "query", "prompt keys", "prompt values", "keys", "values"]
+    for name, got, single, truth in zip(names, split, masked, exact):
+        assert got.shape == truth.shape, name
+        # As close to float64 as the single float32 call is (a few float32 ulps of the values' scale).
+        bound = max(4 * (single.double() - truth).abs().max().item(), 1e-6 * truth.abs().max().item())
+        assert (got.double() - truth).abs().max().item() <= bound, name
+    # And the part the split leaves out is really out: a completion key after a query changes nothing before it.
+    changed = [t.clone() for t in tensors]
+    changed[3][:, :, -1] += 10.0
+    before = suffix_attention.causal_suffix_attention(*tensors, mask, scale)[:, :, :-1]
+    after = suffix_attention.causal_suffix_attention(*changed, mask, scale)[:, :, :-1]
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_split_attention_in_bfloat16_stays_close_to_the_masked_call():
+    tensors, prompt_mask = _attention_inputs(seed=4)
+    tensors = [t.bfloat16() for t in tensors]
+    mask = suffix_attention.additive_prompt_mask(prompt_mask, tensors[0].shape[2], torch.bfloat16)
+    got = suffix_attention.causal_suffix_attention(*tensors, mask, 0.25)
+    assert got.dtype == torch.bfloat16
+    expected = _masked_sdpa(*[t.float() for t in tensors], prompt_mask, 0.25)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_applies_only_to_long_leading_completions_with_a_prompt_key_in_every_row(monkeypatch):
+    prompt_mask, completion_mask = torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert not suffix_attention.applies(prompt_mask, completion_mask)  # shorter than MIN_COMPLETION_LENGTH
+    monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 4)
+    assert suffix_attention.applies(prompt_mask, completion_mask)
+    assert not suffix_attention.applies(prompt_mask, torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]]))  # a hole
+    assert not suffix_attention.applies(torch.tensor([[0, 0, 0], [1, 1, 1]]), completion_mask)  # no prompt key
+
+
+def test_layer_functions_split_long_completions_and_match_the_hugging_face_forward(monkeypatch):
+    model = _build(_qwen2)
+    rows, valid = _rows()
+    expected = _hidden_and_grads(model, None, rows, valid)
+    kinds = []
+    counted = compiled_forward._call
+    monkeypatch.setattr(compiled_forward, "_call", lambda kind, *args: kinds.append(kind) or counted(kind, *args))
+    monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 1)
+    layers = compiled_forward.CompiledLayers(model, compile=False)
+    for recompute in (False, True):
+        kinds.clear()
+        got = _hidden_and_grads(model, layers, rows, valid, recompute=recompute)
+        assert "causal_suffix" in kinds and "suffix" not in kinds, kinds
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+        assert got[1].keys() == expected[1].keys()
+        for name, grad in expected[1].items():  # float rounding of sums over many tokens: relative to the largest entry
+            assert (got[1][name] - grad).abs().max() <= 2e-6 * grad.abs().max(), name
+
+
+@pytest.mark.parametrize("minimum, kind", [(1, "causal_suffix"), (10_000, None)])
+def test_the_reference_pass_runs_the_split_layer_functions_for_long_completions_only(minimum, kind, monkeypatch):
+    model = _build(_qwen2).eval()
+    (input_ids, attention_mask, position_ids, P, needed), valid = _rows()
+    target_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    target_mask[:, P:] = attention_mask[:, P:].bool()
+    with torch.no_grad():
+        expected, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask)  # whole rows, HF forward
+        kinds = []
+        counted = compiled_forward._call
+        monkeypatch.setattr(compiled_forward, "_call", lambda k, *args: kinds.append(k) or counted(k, *args))
+        monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", minimum)
+        got, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)
+    assert (kind in kinds) if kind else not kinds, kinds  # short completions keep the Hugging Face forward
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_hidden_without_layers_is_untouched_by_the_split(monkeypatch):
+    # The Hugging Face path (a grad pass without recompute) never splits: its hidden states do not depend on the threshold.
+    model = _build(_qwen2)
+    rows, valid = _rows()
+    with torch.no_grad():
+        before = shared_prefix_hidden(model.model, *rows)
+        monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 1)
+        after = shared_prefix_hidden(model.model, *rows)
+    torch.testing.assert_close(after[valid], before[valid], rtol=0, atol=0)
