@@ -34,9 +34,8 @@ def _masked_sdpa(query, prompt_keys, prompt_values, keys, values, prompt_mask, s
     n, completion = query.shape[0], query.shape[2]
     causal = torch.ones(completion, completion, dtype=torch.bool).tril()
     mask = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, completion, -1), causal.expand(n, -1, -1)], dim=-1)[:, None]
-    return F.scaled_dot_product_attention(
-        query, torch.cat([prompt_keys, keys], 2), torch.cat([prompt_values, values], 2), attn_mask=mask, scale=scale, enable_gqa=True
-    )
+    all_keys, all_values = torch.cat([prompt_keys, keys], 2), torch.cat([prompt_values, values], 2)
+    return F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def _value_and_grads(fn, tensors, upstream):

@@ -226,8 +226,8 @@ def _layer_function(kind: str, shape: tuple[int, int, int, float, float]):
         query = apply_rotary(F.linear(x, wq, bq).view(n, length, heads, head_dim).transpose(1, 2), cos, sin)  # [n, h, L, D]
         keys = apply_rotary(F.linear(x, wk, bk).view(n, length, kv_heads, head_dim).transpose(1, 2), cos, sin)  # [n, kv, L, D]
         values = F.linear(x, wv, bv).view(n, length, kv_heads, head_dim).transpose(1, 2)  # [n, kv, L, D]
-        if causal_suffix:  # `mask` is the prompt part's alone
-            out = suffix_attention.causal_suffix_attention(query, past_keys, past_values, keys, values, mask, scale)  # [n, h, L, D]
+        if causal_suffix:  # `mask` is the prompt part's alone; out [n, h, L, D]
+            out = suffix_attention.causal_suffix_attention(query, past_keys, past_values, keys, values, mask, scale)
         else:
             all_keys = keys if past_keys is None else torch.cat([past_keys, keys], dim=2)  # [n, kv, P + L, D]
             all_values = values if past_values is None else torch.cat([past_values, values], dim=2)
