@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from r1_lightning.engines import compiled_forward, suffix_attention
-from r1_lightning.engines.logprobs import shared_prefix_hidden
 from r1_lightning.policy import token_logprobs
 from tests.test_compiled_forward import _build, _hidden_and_grads, _qwen2, _rows
 
@@ -108,7 +107,7 @@ def test_layer_functions_split_long_completions_and_match_the_hugging_face_forwa
 @pytest.mark.parametrize("minimum, kind", [(1, "causal_suffix"), (10_000, None)])
 def test_the_reference_pass_runs_the_split_layer_functions_for_long_completions_only(minimum, kind, monkeypatch):
     model = _build(_qwen2).eval()
-    (input_ids, attention_mask, position_ids, P, needed), valid = _rows()
+    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
     target_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
     target_mask[:, P:] = attention_mask[:, P:].bool()
     with torch.no_grad():
@@ -122,12 +121,15 @@ def test_the_reference_pass_runs_the_split_layer_functions_for_long_completions_
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_shared_prefix_hidden_without_layers_is_untouched_by_the_split(monkeypatch):
-    # The Hugging Face path (a grad pass without recompute) never splits: its hidden states do not depend on the threshold.
+def test_a_grad_pass_without_recompute_keeps_the_hugging_face_forward_for_long_completions(monkeypatch):
+    # Its lean layers keep fewer activations for the backward than the layer functions would.
     model = _build(_qwen2)
-    rows, valid = _rows()
-    with torch.no_grad():
-        before = shared_prefix_hidden(model.model, *rows)
-        monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 1)
-        after = shared_prefix_hidden(model.model, *rows)
-    torch.testing.assert_close(after[valid], before[valid], rtol=0, atol=0)
+    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
+    target_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    target_mask[:, P:] = attention_mask[:, P:].bool()
+    kinds = []
+    counted = compiled_forward._call
+    monkeypatch.setattr(compiled_forward, "_call", lambda k, *args: kinds.append(k) or counted(k, *args))
+    monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 1)
+    logprobs, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)
+    assert logprobs.requires_grad and not kinds, kinds
