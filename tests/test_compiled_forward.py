@@ -4,7 +4,9 @@ The layer functions run eagerly (`compile=False`) must give the Hugging Face pat
 gradients bit for bit on GRPO-shaped rows (left-padded prompts, ragged completions, one empty) for
 Qwen2, Llama (biases, no GQA, head_dim != hidden/heads) and Mistral; compiled, they must agree to
 float rounding (slow: compiling takes a minute on a cold cache). Models the functions do not
-reproduce are refused, and a compiler failure falls back to the eager functions with one warning.
+reproduce are refused, and a compiler failure falls back to the eager functions with one warning. For long
+completions the eager functions split the attention (`suffix_attention`) and agree to float rounding; the
+reference pass takes them there, a grad pass without recompute keeps the Hugging Face forward.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from r1_lightning.policy import LoraSettings, apply_lora, build_builtin_model, load_model, token_logprobs
-from r1_lightning.engines import compiled_forward
+from r1_lightning.engines import compiled_forward, suffix_attention
 from r1_lightning.engines.logprobs import shared_prefix_hidden
 from r1_lightning.rl import cpu_matmul
 
@@ -326,3 +328,54 @@ def test_grpo_compile_auto_stays_eager_where_matmuls_run_through_onednn(tmp_path
     assert len(lines) == 1 and "stay eager: its float32 matmuls run through oneDNN" in lines[0], lines
     assert not module._compile_now
     assert [b for b in broadcasts if isinstance(b, bool)] == [False]  # (Lightning broadcasts its log dir too)
+
+
+# Long completions: the layer functions skip the causal half of their attention (`suffix_attention`).
+def test_layer_functions_split_long_completions_and_match_the_hugging_face_forward(monkeypatch):
+    model = _build(_qwen2)
+    rows, valid = _rows()
+    expected = _hidden_and_grads(model, None, rows, valid)
+    kinds = []
+    counted = compiled_forward._call
+    monkeypatch.setattr(compiled_forward, "_call", lambda kind, *args: kinds.append(kind) or counted(kind, *args))
+    monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 1)
+    layers = compiled_forward.CompiledLayers(model, compile=False)
+    for recompute in (False, True):
+        kinds.clear()
+        got = _hidden_and_grads(model, layers, rows, valid, recompute=recompute)
+        assert "causal_suffix" in kinds and "suffix" not in kinds, kinds
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+        assert got[1].keys() == expected[1].keys()
+        for name, grad in expected[1].items():  # float rounding of sums over many tokens: relative to the largest entry
+            assert (got[1][name] - grad).abs().max() <= 2e-6 * grad.abs().max(), name
+
+
+@pytest.mark.parametrize("minimum, kind", [(1, "causal_suffix"), (10_000, None)])
+def test_the_reference_pass_runs_the_split_layer_functions_for_long_completions_only(minimum, kind, monkeypatch):
+    model = _build(_qwen2).eval()
+    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
+    target_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    target_mask[:, P:] = attention_mask[:, P:].bool()
+    with torch.no_grad():
+        expected, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask)  # whole rows, HF forward
+        kinds = []
+        counted = compiled_forward._call
+        monkeypatch.setattr(compiled_forward, "_call", lambda k, *args: kinds.append(k) or counted(k, *args))
+        monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", minimum)
+        got, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)
+    assert (kind in kinds) if kind else not kinds, kinds  # short completions keep the Hugging Face forward
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_grad_pass_without_recompute_keeps_the_hugging_face_forward_for_long_completions(monkeypatch):
+    # Its lean layers keep fewer activations for the backward than the layer functions would.
+    model = _build(_qwen2)
+    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
+    target_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    target_mask[:, P:] = attention_mask[:, P:].bool()
+    kinds = []
+    counted = compiled_forward._call
+    monkeypatch.setattr(compiled_forward, "_call", lambda k, *args: kinds.append(k) or counted(k, *args))
+    monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 1)
+    logprobs, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)
+    assert logprobs.requires_grad and not kinds, kinds

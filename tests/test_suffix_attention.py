@@ -2,19 +2,15 @@
 
 Values and gradients must equal the masked call's to float rounding (both measured against float64), with
 grouped KV heads, left-padded prompts and a query laid out as the layer functions make it (a transposed
-view); the layer functions and the reference pass must take it for long completions only, and stay equal to
-the Hugging Face forward there.
+view). Where the training forwards take it: tests/test_compiled_forward.py.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from r1_lightning.engines import compiled_forward, suffix_attention
-from r1_lightning.policy import token_logprobs
-from tests.test_compiled_forward import _build, _hidden_and_grads, _qwen2, _rows
+from r1_lightning.engines import suffix_attention
 
 
 def _attention_inputs(n=3, heads=6, kv=2, prompt=5, completion=37, dim=16, seed=0):
@@ -83,53 +79,3 @@ def test_applies_only_to_long_leading_completions_with_a_prompt_key_in_every_row
     assert suffix_attention.applies(prompt_mask, completion_mask)
     assert not suffix_attention.applies(prompt_mask, torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]]))  # a hole
     assert not suffix_attention.applies(torch.tensor([[0, 0, 0], [1, 1, 1]]), completion_mask)  # no prompt key
-
-
-def test_layer_functions_split_long_completions_and_match_the_hugging_face_forward(monkeypatch):
-    model = _build(_qwen2)
-    rows, valid = _rows()
-    expected = _hidden_and_grads(model, None, rows, valid)
-    kinds = []
-    counted = compiled_forward._call
-    monkeypatch.setattr(compiled_forward, "_call", lambda kind, *args: kinds.append(kind) or counted(kind, *args))
-    monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 1)
-    layers = compiled_forward.CompiledLayers(model, compile=False)
-    for recompute in (False, True):
-        kinds.clear()
-        got = _hidden_and_grads(model, layers, rows, valid, recompute=recompute)
-        assert "causal_suffix" in kinds and "suffix" not in kinds, kinds
-        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
-        assert got[1].keys() == expected[1].keys()
-        for name, grad in expected[1].items():  # float rounding of sums over many tokens: relative to the largest entry
-            assert (got[1][name] - grad).abs().max() <= 2e-6 * grad.abs().max(), name
-
-
-@pytest.mark.parametrize("minimum, kind", [(1, "causal_suffix"), (10_000, None)])
-def test_the_reference_pass_runs_the_split_layer_functions_for_long_completions_only(minimum, kind, monkeypatch):
-    model = _build(_qwen2).eval()
-    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
-    target_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    target_mask[:, P:] = attention_mask[:, P:].bool()
-    with torch.no_grad():
-        expected, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask)  # whole rows, HF forward
-        kinds = []
-        counted = compiled_forward._call
-        monkeypatch.setattr(compiled_forward, "_call", lambda k, *args: kinds.append(k) or counted(k, *args))
-        monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", minimum)
-        got, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)
-    assert (kind in kinds) if kind else not kinds, kinds  # short completions keep the Hugging Face forward
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_a_grad_pass_without_recompute_keeps_the_hugging_face_forward_for_long_completions(monkeypatch):
-    # Its lean layers keep fewer activations for the backward than the layer functions would.
-    model = _build(_qwen2)
-    (input_ids, attention_mask, position_ids, P, _), _ = _rows()
-    target_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    target_mask[:, P:] = attention_mask[:, P:].bool()
-    kinds = []
-    counted = compiled_forward._call
-    monkeypatch.setattr(compiled_forward, "_call", lambda k, *args: kinds.append(k) or counted(k, *args))
-    monkeypatch.setattr(suffix_attention, "MIN_COMPLETION_LENGTH", 1)
-    logprobs, _ = token_logprobs(model, input_ids, attention_mask, position_ids, target_mask, prompt_length=P)
-    assert logprobs.requires_grad and not kinds, kinds

@@ -87,7 +87,6 @@ class _CausalSuffixAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         query, prompt_keys, prompt_values, keys, values, prompt_mask, out, lse = ctx.saved_tensors
-        grad = grad.contiguous()
         dq_prompt, dk_prompt, dv_prompt = _flash_backward(
             grad, query, prompt_keys, prompt_values, out, lse, 0.0, False, attn_mask=prompt_mask, scale=ctx.scale
         )
